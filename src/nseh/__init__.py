@@ -1,0 +1,1 @@
+"""nseh: live migration of VMs together with their network security context."""

@@ -1,0 +1,50 @@
+"""The host agent's configuration: one TOML file per hypervisor host.
+
+On a real host the operator writes it (e.g. /etc/nseh/agent.toml); the lab writes one per
+namespace host.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class AgentConfigError(ValueError):
+    """An agent configuration that cannot be used; the message is one line."""
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")
+    state_dir: Path
+    # Local API for the CLI (a unix socket path works across network namespaces).
+    api_socket: Path
+    # Address that incoming migration streams (QEMU, SC) are accepted on.
+    management_address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    vm_bridge: str = "br-vm"
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    guest_cache: Path = Path("/var/cache/nseh/guest")
+    migration_port_base: int = Field(default=49152, ge=1024, le=65000)
+
+    @classmethod
+    def load(cls, path: Path) -> AgentConfig:
+        try:
+            return cls.model_validate(tomllib.loads(path.read_text()))
+        except OSError as exc:
+            raise AgentConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise AgentConfigError(f"{path}: not valid TOML: {exc}") from None
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise AgentConfigError(
+                f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+    def save(self, path: Path) -> None:
+        path.write_text(tomli_w.dumps(self.model_dump(mode="json")))

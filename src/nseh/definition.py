@@ -1,0 +1,145 @@
+"""VM definitions: what a VM is (memory, addresses, MAC) and the security policy it runs behind.
+
+A definition is a TOML file written by the operator, for example::
+
+    name = "web1"
+    memory_mib = 128
+
+    [network]
+    ipv4 = "10.0.0.10/24"
+    ipv6 = "fd00::10/64"
+    gateway4 = "10.0.0.1"
+
+    [[policy.inbound]]          # allow rules; everything else is dropped
+    proto = "tcp"
+    ports = [7, 80]
+    peers = ["10.0.0.0/24", "fd00::/64"]   # sources; empty or absent = anywhere
+
+    [[policy.inbound]]
+    proto = "icmp"              # echo requests, ICMP and ICMPv6
+
+    [[policy.outbound]]
+    proto = "tcp"
+    ports = [7]                 # destinations' ports
+
+Loading never raises anything but `DefinitionError`, whose message is one line that names
+the file and the offending field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# VM names end up in nft chain names, tap names (15 chars max with a 4-char prefix) and paths.
+VM_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,10}$"
+
+
+class DefinitionError(ValueError):
+    """A VM definition that cannot be used; the message is one line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Rule(_Strict):
+    """One allow rule. `peers` are sources for inbound rules, destinations for outbound ones."""
+
+    proto: Literal["tcp", "udp", "icmp", "any"]
+    ports: tuple[Port, ...] = ()
+    peers: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @field_validator("peers", mode="before")
+    @classmethod
+    def _non_strict_networks(cls, value: Any) -> Any:
+        # Accept host bits set ("10.0.0.5/24") the way nft does, rather than failing.
+        if isinstance(value, list | tuple):
+            return tuple(ipaddress.ip_network(v, strict=False) if isinstance(v, str) else v
+                         for v in value)
+        return value
+
+    @model_validator(mode="after")
+    def _ports_need_a_port_protocol(self) -> Rule:
+        if self.ports and self.proto not in ("tcp", "udp"):
+            raise ValueError(f"ports are only valid with proto tcp or udp, not {self.proto}")
+        return self
+
+
+class Policy(_Strict):
+    inbound: tuple[Rule, ...] = ()
+    outbound: tuple[Rule, ...] = ()
+
+
+class Network(_Strict):
+    ipv4: ipaddress.IPv4Interface | None = None
+    ipv6: ipaddress.IPv6Interface | None = None
+    gateway4: ipaddress.IPv4Address | None = None
+    gateway6: ipaddress.IPv6Address | None = None
+    mac: str | None = Field(default=None, pattern=r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+    @model_validator(mode="after")
+    def _has_an_address(self) -> Network:
+        if self.ipv4 is None and self.ipv6 is None:
+            raise ValueError("a VM needs an ipv4 or an ipv6 address")
+        if self.mac is not None and int(self.mac[:2], 16) & 1:
+            raise ValueError(f"mac {self.mac} is a multicast address")
+        return self
+
+
+class VMDefinition(_Strict):
+    name: str = Field(pattern=VM_NAME_PATTERN)
+    memory_mib: int = Field(default=128, ge=64, le=65536)
+    vcpus: int = Field(default=1, ge=1, le=64)
+    network: Network
+    policy: Policy = Policy()
+
+    @property
+    def mac(self) -> str:
+        """The configured MAC, or a stable locally administered one derived from the name."""
+        if self.network.mac:
+            return self.network.mac
+        digest = hashlib.sha256(self.name.encode()).digest()
+        return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+    @property
+    def addresses(self) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        """The VM's own addresses (without prefix length)."""
+        return [iface.ip for iface in (self.network.ipv4, self.network.ipv6) if iface is not None]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_json(cls, data: Any, *, origin: str = "definition") -> VMDefinition:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise DefinitionError(f"{origin}: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {message}{more}"
+
+
+def load_definition(path: Path) -> VMDefinition:
+    """Read and validate a VM definition file."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise DefinitionError(f"{path}: cannot read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise DefinitionError(f"{path}: not valid TOML: {exc}") from None
+    return VMDefinition.from_json(data, origin=str(path))
