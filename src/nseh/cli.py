@@ -1,1 +1,334 @@
-def app() -> None: ...
+"""The `nseh` command line. It talks to host agents through their API (never by reaching into
+a host itself), so the same commands drive the one-machine lab and real hosts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from nseh.api.client import AgentError
+from nseh.cluster import Cluster
+from nseh.definition import DefinitionError, load_definition
+from nseh.inventory import Inventory, InventoryError
+
+if TYPE_CHECKING:
+    from nseh.lab import LabStatus
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False,
+                  add_completion=False)
+lab_app = typer.Typer(help="The embedded one-machine lab: hosts and clients as namespaces.",
+                      no_args_is_help=True)
+vm_app = typer.Typer(help="Start, stop, list VMs and run commands inside them.",
+                     no_args_is_help=True)
+app.add_typer(lab_app, name="lab")
+host_app = typer.Typer(help="Ask a host's agent about the host.", no_args_is_help=True)
+app.add_typer(vm_app, name="vm")
+app.add_typer(host_app, name="host")
+
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+InventoryOption = Annotated[
+    Path | None,
+    typer.Option("--inventory", envvar="NSEH_INVENTORY",
+                 help="Inventory of hosts (default: the running lab's, then "
+                      "/etc/nseh/inventory.toml)."),
+]
+
+
+def fail(message: str) -> NoReturn:
+    err.print(f"[bold red]nseh: error:[/] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run an async CLI action; known failures become a one-line error."""
+    try:
+        return asyncio.run(coroutine)
+    except (AgentError, InventoryError, DefinitionError) as exc:
+        fail(str(exc))
+
+
+def cluster(inventory: Path | None) -> Cluster:
+    try:
+        return Cluster(Inventory.find(inventory))
+    except InventoryError as exc:
+        fail(str(exc))
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def show_event(event: dict[str, Any]) -> None:
+    if "message" in event:
+        err.print(f"  [dim]{event.get('phase') or event.get('step', '')}[/] {event['message']}",
+                  highlight=False)
+
+
+# -- lab --------------------------------------------------------------------------------
+
+
+@lab_app.command("up")
+def lab_up(hosts: Annotated[int, typer.Option(help="Hypervisor hosts to create.")] = 2,
+           clients: Annotated[int, typer.Option(help="Client nodes to create.")] = 1,
+           as_json: JsonOption = False) -> None:
+    """Create the lab: hosts (with their agents) and clients joined by a fabric switch."""
+    from nseh import lab
+
+    try:
+        with err.status(f"creating a lab of {hosts} hosts and {clients} clients"):
+            status = lab.up(hosts=hosts, clients=clients)
+    except lab.LabError as exc:
+        fail(str(exc))
+    show_lab(status, as_json)
+
+
+@lab_app.command("down")
+def lab_down() -> None:
+    """Remove the lab: every namespace, link, process and file it made (VMs included)."""
+    from nseh import lab
+
+    try:
+        with err.status("removing the lab"):
+            lab.down()
+    except lab.LabError as exc:
+        fail(str(exc))
+    err.print("lab removed")
+
+
+@lab_app.command("status")
+def lab_status(as_json: JsonOption = False) -> None:
+    """Show the lab's hosts and clients with their namespaces and addresses."""
+    from nseh import lab
+
+    show_lab(lab.status(), as_json)
+
+
+def show_lab(status: LabStatus, as_json: bool) -> None:
+    if as_json:
+        print_json(status.model_dump(mode="json"))
+        return
+    out.print(f"lab is {status.state}")
+    for problem in status.problems:
+        err.print(f"[yellow]problem:[/] {problem}", highlight=False)
+    if not status.hosts and not status.clients:
+        return
+    table = Table("node", "namespace", "addresses", "agent")
+    for host in status.hosts:
+        table.add_row(host.name, host.namespace,
+                      f"{host.management_ipv4}, {host.management_ipv6}",
+                      f"{host.agent_endpoint} ({'alive' if host.agent_alive else 'DOWN'})")
+    for client in status.clients:
+        table.add_row(client.name, client.namespace, f"{client.ipv4}, {client.ipv6}", "")
+    out.print(table)
+
+
+# -- VMs --------------------------------------------------------------------------------
+
+
+@vm_app.command("start")
+def vm_start(
+    name: Annotated[str, typer.Argument(help="VM name (overrides the definition's).")],
+    host: Annotated[str, typer.Option("--host", "-H", help="Host to run it on.")],
+    definition: Annotated[Path, typer.Option("--definition", "-d",
+                                             help="VM definition (TOML).")],
+    no_wait: Annotated[bool, typer.Option("--no-wait",
+                                          help="Return once QEMU runs, before boot.")] = False,
+    inventory: InventoryOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a VM on a host, behind its firewall policy."""
+    try:
+        defn = load_definition(definition, name=name)
+    except DefinitionError as exc:
+        fail(str(exc))
+    c = cluster(inventory)
+
+    async def start() -> dict[str, Any]:
+        vms, _ = await c.list_vms()
+        for other in vms:
+            if other["name"] == name:
+                raise AgentError("exists", f"a VM named {name!r} already runs on {other['host']}")
+            used = {a.split("/")[0] for a in (other["ipv4"], other["ipv6"]) if a}
+            for address in map(str, defn.addresses):
+                if address in used:
+                    raise AgentError("exists", f"address {address} is already used by VM "
+                                               f"{other['name']!r} on host {other['host']}")
+        with err.status(f"starting {name} on {host}"):
+            return dict(await c.call(host, "vm.start",
+                                     {"definition": defn.to_json(), "wait_ready": not no_wait},
+                                     on_event=show_event))
+
+    vm = run(start())
+    if as_json:
+        print_json(vm)
+    else:
+        out.print(f"{vm['name']} runs on {vm['host']} ({vm['ipv4'] or ''} {vm['ipv6'] or ''})")
+
+
+@vm_app.command("stop")
+def vm_stop(name: str, inventory: InventoryOption = None, as_json: JsonOption = False) -> None:
+    """Stop a VM and remove its policy, tap and conntrack state from its host."""
+    c = cluster(inventory)
+
+    async def stop() -> dict[str, Any]:
+        return dict(await c.call(await c.locate(name), "vm.stop", {"name": name}))
+
+    result = run(stop())
+    print_json(result) if as_json else out.print(f"{name} stopped on {result['host']}")
+
+
+@vm_app.command("list")
+def vm_list(inventory: InventoryOption = None, as_json: JsonOption = False) -> None:
+    """List the VMs of every host."""
+    vms, unreachable = run(cluster(inventory).list_vms())
+    if as_json:
+        print_json({"vms": vms, "unreachable": unreachable})
+    else:
+        table = Table("name", "host", "state", "ipv4", "ipv6", "mac")
+        for vm in sorted(vms, key=lambda v: (v["name"], v["host"])):
+            table.add_row(vm["name"], vm["host"], vm["state"], vm["ipv4"] or "",
+                          vm["ipv6"] or "", vm["mac"])
+        out.print(table)
+    for host, why in unreachable.items():
+        err.print(f"[yellow]warning:[/] host {host}: {why}", highlight=False)
+
+
+@vm_app.command("exec", context_settings={"ignore_unknown_options": True})
+def vm_exec(name: str,
+            command: Annotated[list[str], typer.Argument(help="Command (after --).")],
+            timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 30.0,
+            inventory: InventoryOption = None, as_json: JsonOption = False) -> None:
+    """Run a shell command inside a VM's guest, e.g. `nseh vm exec web1 -- ip addr`."""
+    c = cluster(inventory)
+
+    async def execute() -> dict[str, Any]:
+        return dict(await c.call(await c.locate(name), "vm.exec",
+                                 {"name": name, "command": " ".join(command),
+                                  "timeout": timeout}, timeout=timeout + 10))
+
+    result = run(execute())
+    if as_json:
+        print_json(result)
+        return
+    sys.stdout.write(result["output"])
+    raise typer.Exit(result["exit_code"])
+
+
+# -- hosts ------------------------------------------------------------------------------
+
+
+@host_app.command("info")
+def host_info(host: str, inventory: InventoryOption = None, as_json: JsonOption = False) -> None:
+    """A host's name, management address, accelerator and VMs."""
+    info = run(cluster(inventory).call(host, "host.info", timeout=10))
+    if as_json:
+        print_json(info)
+    else:
+        out.print(f"{info['host']}: management {info['management_address']}, "
+                  f"accel {info['accel']}, VMs: {', '.join(info['vms']) or 'none'}")
+
+
+@host_app.command("counters")
+def host_counters(host: str, inventory: InventoryOption = None,
+                  as_json: JsonOption = False) -> None:
+    """The host firewall's packet counters (invalid drops, per-VM default drops)."""
+    counters = run(cluster(inventory).call(host, "firewall.counters", timeout=10))
+    if as_json:
+        print_json(counters)
+    else:
+        table = Table("counter", "packets")
+        for name, packets in sorted(counters.items()):
+            table.add_row(name, str(packets))
+        out.print(table)
+
+
+# -- migration --------------------------------------------------------------------------
+
+
+@app.command()
+def migrate(
+    vm: Annotated[str, typer.Argument(help="VM to migrate.")],
+    to: Annotated[str, typer.Option("--to", help="Destination host.")],
+    sc: Annotated[str, typer.Option("--sc", help="Security-context mode: none.")] = "none",
+    inventory: InventoryOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Live-migrate a VM to another host and report QEMU's figures."""
+    c = cluster(inventory)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TimeElapsedColumn(), console=err, transient=True) as progress:
+        task = progress.add_task(f"migrating {vm} to {to}", total=None)
+
+        def on_event(event: dict[str, Any]) -> None:
+            if "progress" in event:
+                figures = event["progress"]
+                progress.update(task, completed=figures["ram_transferred"],
+                                total=figures["ram_total"] or None)
+            elif "message" in event:
+                progress.console.print(f"  [dim]{event.get('phase', '')}[/] {event['message']}",
+                                       highlight=False)
+
+        report = run(c.migrate(vm, to, sc, on_event=on_event))
+    if as_json:
+        print_json(report)
+    else:
+        show_report(report)
+    if report["result"] != "migrated":
+        fail(f"migration of {vm} failed: {report['failure']}; it still runs on "
+             f"{report['source']}")
+
+
+def show_report(report: dict[str, Any]) -> None:
+    qemu = report["qemu"]
+    table = Table(title=f"{report['vm']}: {report['source']} → {report['destination']} "
+                        f"(SC {report['sc_mode']}): {report['result']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("QEMU status", qemu["status"]),
+        ("downtime", f"{qemu['downtime_ms']} ms"),
+        ("total time", f"{qemu['total_time_ms']} ms"),
+        ("setup time", f"{qemu['setup_time_ms']} ms"),
+        ("RAM transferred", f"{(qemu['ram_transferred_bytes'] or 0) / 2**20:.1f} MiB"),
+        ("dirty-sync count", str(qemu["dirty_sync_count"])),
+        ("wall time (nseh)", f"{report['elapsed_ms']} ms"),
+    ]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    out.print(table)
+
+
+# -- demo and agent ---------------------------------------------------------------------
+
+
+@app.command()
+def demo(as_json: JsonOption = False) -> None:
+    """Lab up, a VM behind a strict firewall, live connections, a migration, lab down."""
+    from nseh.demo import run_demo
+
+    result = run_demo(out if not as_json else err)
+    if as_json:
+        print_json(result)
+
+
+@app.command()
+def agent(config: Annotated[Path, typer.Option(help="Agent configuration (TOML).")],
+          log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO") -> None:
+    """Run this host's agent in the foreground (what a systemd unit would start)."""
+    sys.argv = ["nseh-agent", "--config", str(config), "--log-level", log_level]
+    from nseh.agent.__main__ import main
+
+    main()

@@ -134,12 +134,14 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {message}{more}"
 
 
-def load_definition(path: Path) -> VMDefinition:
-    """Read and validate a VM definition file."""
+def load_definition(path: Path, *, name: str | None = None) -> VMDefinition:
+    """Read and validate a VM definition file; `name`, if given, replaces the file's."""
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
         raise DefinitionError(f"{path}: cannot read: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise DefinitionError(f"{path}: not valid TOML: {exc}") from None
+    if name is not None:
+        data["name"] = name
     return VMDefinition.from_json(data, origin=str(path))

@@ -1,0 +1,289 @@
+"""The host agent: owns this host's VMs, their virtual network and their security engines,
+and serves the API the CLI and other hosts' agents use."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import signal
+import socket
+from typing import Any
+
+from nseh.agent.config import AgentConfig
+from nseh.agent.firewall import Firewall
+from nseh.agent.network import create_tap, delete_tap, tap_name
+from nseh.agent.qemu import detect_accel
+from nseh.agent.vms import VM, VMError, VMState, load_all
+from nseh.api.client import AgentClient
+from nseh.api.server import ApiError, ApiServer, Emit, Handler
+from nseh.definition import DefinitionError, VMDefinition
+from nseh.guest.console import GuestConsoleError
+from nseh.guest.image import GuestImage, ensure_image
+from nseh.migration.orchestrator import SC_MODES, SourceMigration
+
+log = logging.getLogger(__name__)
+
+GUEST_READY_TIMEOUT = 120.0
+COMMIT_TIMEOUT = 30.0
+
+
+class HostAgent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.host = config.host
+        self.vms_dir = config.state_dir / "vms"
+        self.accel = detect_accel(config.accel)
+        self.firewall = Firewall()
+        self.vms: dict[str, VM] = {}
+        self._image: GuestImage | None = None
+        self._image_lock = asyncio.Lock()
+        # Serializes changes to the set of VMs (names, marks, addresses, ports).
+        self._vms_lock = asyncio.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.vms_dir.mkdir(parents=True, exist_ok=True)
+        self.firewall.ensure_base()
+        self._readopt()
+        server = await ApiServer(self.handlers()).serve_unix(self.config.api_socket)
+        log.info("agent for host %s serving on %s (accel %s, %d VMs)", self.host,
+                 self.config.api_socket, self.accel, len(self.vms))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        # VMs keep running without their agent; a restarted agent re-adopts them.
+        log.info("agent for host %s stopping; %d VMs keep running", self.host, len(self.vms))
+        server.close()
+        self.config.api_socket.unlink(missing_ok=True)
+
+    def _readopt(self) -> None:
+        self.vms = load_all(self.vms_dir)
+        installed = self.firewall.installed_vms()
+        for vm in self.vms.values():
+            if vm.pid() is None:
+                vm.state = VMState.CRASHED
+                vm.save()
+                log.warning("VM %s: its QEMU is gone; marked crashed", vm.name)
+                continue
+            if installed.get(vm.name) != vm.mark:
+                log.warning("VM %s: firewall policy missing; reinstalling", vm.name)
+                self.firewall.install_vm(vm.definition, vm.mark)
+            log.info("re-adopted VM %s (%s, QEMU pid %s)", vm.name, vm.state, vm.pid())
+
+    async def guest_image(self, emit: Emit) -> GuestImage:
+        async with self._image_lock:
+            if self._image is None:
+                emit({"step": "guest-image", "message": "preparing the guest image"})
+                self._image = await asyncio.to_thread(ensure_image, self.config.guest_cache)
+            return self._image
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "host.info": self.host_info,
+            "vm.list": self.vm_list,
+            "vm.start": self.vm_start,
+            "vm.stop": self.vm_stop,
+            "vm.exec": self.vm_exec,
+            "vm.migrate": self.vm_migrate,
+            "firewall.counters": self.firewall_counters,
+            "migration.prepare": self.migration_prepare,
+            "migration.commit": self.migration_commit,
+            "migration.abort": self.migration_abort,
+        }
+
+    def _vm(self, params: dict[str, Any]) -> VM:
+        name = params.get("name")
+        vm = self.vms.get(name) if isinstance(name, str) else None
+        if vm is None:
+            raise ApiError("not-found", f"no VM named {name!r} on host {self.host}")
+        return vm
+
+    def _definition(self, params: dict[str, Any]) -> VMDefinition:
+        try:
+            return VMDefinition.from_json(params.get("definition"))
+        except DefinitionError as exc:
+            raise ApiError("bad-definition", str(exc)) from None
+
+    def _check_free(self, definition: VMDefinition) -> None:
+        if definition.name in self.vms:
+            raise ApiError("exists", f"a VM named {definition.name!r} already exists "
+                                     f"on host {self.host}")
+        taken = {addr: vm.name for vm in self.vms.values() for addr in vm.definition.addresses}
+        for addr in definition.addresses:
+            if addr in taken:
+                raise ApiError("exists", f"address {addr} is already used by VM "
+                                         f"{taken[addr]!r} on host {self.host}")
+
+    def _free_mark(self) -> int:
+        used = {vm.mark for vm in self.vms.values()} | set(self.firewall.installed_vms().values())
+        return next(mark for mark in range(1, 1 << 16) if mark not in used)
+
+    def _free_migration_port(self) -> int:
+        address = str(self.config.management_address)
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        for port in range(self.config.migration_port_base, self.config.migration_port_base + 512):
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.bind((address, port))
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        continue
+                    raise ApiError("host", f"cannot listen on {address}: {exc.strerror}") from None
+                return port
+        raise ApiError("host", f"no free migration port on {address}")
+
+    async def _create(self, definition: VMDefinition, state: VMState, emit: Emit,
+                      incoming: str | None = None) -> VM:
+        """Policy first, then the tap, then QEMU; on any failure, undo all of it."""
+        image = await self.guest_image(emit)
+        async with self._vms_lock:
+            self._check_free(definition)
+            vm = VM(definition=definition, mark=self._free_mark(), state=state,
+                    record_dir=self.vms_dir / definition.name, accel=self.accel)
+            vm.record_dir.mkdir(parents=True)
+            vm.save()
+            self.vms[vm.name] = vm
+        try:
+            emit({"step": "firewall", "message": f"installing the policy of {vm.name}"})
+            self.firewall.install_vm(definition, vm.mark)
+            tap = create_tap(vm.name, self.config.vm_bridge)
+            emit({"step": "qemu", "message": f"starting QEMU ({self.accel})"})
+            await vm.launch(image, tap, incoming=incoming)
+        except Exception:
+            await self._destroy(vm)
+            raise
+        return vm
+
+    async def _destroy(self, vm: VM) -> None:
+        """Remove every trace of `vm` from this host: QEMU, tap, policy, conntrack, record."""
+        await vm.kill()
+        delete_tap(vm.name)
+        self.firewall.remove_vm(vm.name)
+        self.firewall.flush_conntrack(vm.mark)
+        vm.forget()
+        self.vms.pop(vm.name, None)
+        log.info("VM %s removed from host %s", vm.name, self.host)
+
+    # -- API: host and VMs ---------------------------------------------------------------
+
+    async def host_info(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return {"host": self.host, "management_address": str(self.config.management_address),
+                "accel": self.accel, "vms": sorted(self.vms)}
+
+    async def vm_list(self, params: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
+        return [vm.describe(self.host) for vm in self.vms.values()]
+
+    async def vm_start(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        definition = self._definition(params)
+        try:
+            vm = await self._create(definition, VMState.RUNNING, emit)
+        except (VMError, RuntimeError) as exc:
+            raise ApiError("start-failed", str(exc)) from None
+        if params.get("wait_ready", True):
+            emit({"step": "boot", "message": "waiting for the guest to boot"})
+            try:
+                await vm.console.wait_ready(GUEST_READY_TIMEOUT)
+            except GuestConsoleError as exc:
+                await self._destroy(vm)
+                raise ApiError("start-failed", f"{vm.name} did not boot: {exc}") from None
+        log.info("VM %s started on host %s", vm.name, self.host)
+        return vm.describe(self.host)
+
+    async def vm_stop(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        vm = self._vm(params)
+        if vm.state in (VMState.MIGRATING, VMState.INCOMING):
+            raise ApiError("busy", f"VM {vm.name} is migrating; stop it when that ends")
+        await self._destroy(vm)
+        return {"name": vm.name, "host": self.host, "state": "stopped"}
+
+    async def vm_exec(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        vm = self._vm(params)
+        if vm.state not in (VMState.RUNNING, VMState.MIGRATING):
+            raise ApiError("busy", f"VM {vm.name} is {vm.state} on host {self.host}")
+        try:
+            result = await vm.console.exec(str(params.get("command", "")),
+                                           timeout=float(params.get("timeout", 30)))
+        except GuestConsoleError as exc:
+            raise ApiError("exec-failed", str(exc)) from None
+        return {"exit_code": result.exit_code, "output": result.output}
+
+    async def firewall_counters(self, params: dict[str, Any], emit: Emit) -> dict[str, int]:
+        return self.firewall.counters()
+
+    # -- API: migration, source side -----------------------------------------------------
+
+    async def vm_migrate(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        vm = self._vm(params)
+        destination, endpoint = params.get("destination"), params.get("destination_endpoint")
+        sc_mode = params.get("sc", "none")
+        if sc_mode not in SC_MODES:
+            raise ApiError("bad-request", f"unknown SC mode {sc_mode!r} "
+                                          f"(choose from {', '.join(SC_MODES)})")
+        if not isinstance(destination, str) or not isinstance(endpoint, str):
+            raise ApiError("bad-request", "vm.migrate needs destination and destination_endpoint")
+        if destination == self.host:
+            raise ApiError("bad-request", f"VM {vm.name} already runs on {self.host}")
+        if vm.state != VMState.RUNNING:
+            raise ApiError("busy", f"VM {vm.name} is {vm.state}, not running")
+        vm.state = VMState.MIGRATING
+        vm.save()
+        migration = SourceMigration(vm=vm, source=self.host, destination=destination,
+                                    destination_agent=AgentClient(endpoint), sc_mode=sc_mode,
+                                    emit=emit)
+        report = await migration.run()
+        if migration.run_state.phase == "done":
+            await self._destroy(vm)
+        else:
+            vm.state = VMState.RUNNING
+            vm.save()
+        return report
+
+    # -- API: migration, destination side ------------------------------------------------
+
+    async def migration_prepare(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        definition = self._definition(params)
+        async with self._vms_lock:
+            port = self._free_migration_port()
+        address = ipaddress.ip_address(self.config.management_address)
+        host = f"[{address}]" if address.version == 6 else str(address)
+        uri = f"tcp:{host}:{port}"
+        try:
+            await self._create(definition, VMState.INCOMING, emit, incoming=uri)
+        except (VMError, RuntimeError) as exc:
+            raise ApiError("prepare-failed", str(exc)) from None
+        log.info("prepared incoming migration of %s on %s", definition.name, uri)
+        return {"uri": uri, "tap": tap_name(definition.name)}
+
+    async def migration_commit(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        vm = self._vm(params)
+        if vm.state != VMState.INCOMING:
+            raise ApiError("busy", f"VM {vm.name} is {vm.state}, not incoming")
+        status = "unknown"
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(COMMIT_TIMEOUT):
+                while (status := await vm.run_status()) != "running":
+                    await asyncio.sleep(0.02)
+        if status != "running":
+            raise ApiError("commit-failed", f"VM {vm.name} is {status} on {self.host}, "
+                                            f"not running, after {COMMIT_TIMEOUT:.0f} s")
+        vm.state = VMState.RUNNING
+        vm.save()
+        log.info("VM %s now runs on host %s", vm.name, self.host)
+        return vm.describe(self.host)
+
+    async def migration_abort(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        vm = self.vms.get(str(params.get("name")))
+        if vm is None:
+            return {"aborted": False}
+        if vm.state != VMState.INCOMING:
+            raise ApiError("busy", f"VM {vm.name} is {vm.state} on {self.host}; not aborting")
+        await self._destroy(vm)
+        return {"aborted": True}

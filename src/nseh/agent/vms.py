@@ -1,0 +1,172 @@
+"""VMs on one host: their QEMU processes, QMP, the guest console, and their on-disk records.
+
+QEMU daemonizes, so a VM outlives the agent that started it; the record on disk
+(`<state_dir>/vms/<name>/vm.json`) is what lets a restarted agent re-adopt it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient, QMPError
+
+from nseh.agent.qemu import VMRunFiles, qemu_command
+from nseh.definition import VMDefinition
+from nseh.guest.console import GuestConsole
+from nseh.guest.image import GuestImage
+
+log = logging.getLogger(__name__)
+
+
+class VMError(RuntimeError):
+    """A VM operation failed; one-line message."""
+
+
+class VMState(StrEnum):
+    RUNNING = "running"  # the VM runs here and this host owns it
+    INCOMING = "incoming"  # QEMU waits for a migration stream from another host
+    MIGRATING = "migrating"  # this host owns the VM and is sending it away
+    CRASHED = "crashed"  # the record exists but its QEMU is gone
+
+
+@dataclass
+class VM:
+    definition: VMDefinition
+    mark: int
+    state: VMState
+    record_dir: Path
+    accel: str
+    console: GuestConsole = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.console = GuestConsole(self.files.guest_socket)
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    @property
+    def files(self) -> VMRunFiles:
+        return VMRunFiles(self.record_dir / "run")
+
+    # -- persistence -------------------------------------------------------------------
+
+    def save(self) -> None:
+        record = {"definition": self.definition.to_json(), "mark": self.mark,
+                  "state": self.state.value, "accel": self.accel}
+        tmp = self.record_dir / "vm.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(self.record_dir / "vm.json")
+
+    @classmethod
+    def load(cls, record_dir: Path) -> VM:
+        record = json.loads((record_dir / "vm.json").read_text())
+        return cls(definition=VMDefinition.from_json(record["definition"]), mark=record["mark"],
+                   state=VMState(record["state"]), record_dir=record_dir,
+                   accel=record["accel"])
+
+    def forget(self) -> None:
+        shutil.rmtree(self.record_dir, ignore_errors=True)
+
+    # -- the QEMU process ----------------------------------------------------------------
+
+    def pid(self) -> int | None:
+        """The QEMU process's pid if it is alive and really is this VM's QEMU."""
+        try:
+            pid = int(self.files.pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return pid if str(self.files.run_dir).encode() in cmdline else None
+
+    async def launch(self, image: GuestImage, tap: str, incoming: str | None = None) -> None:
+        """Start QEMU (daemonized); returns once QEMU is up (and listening, with `incoming`)."""
+        run_dir = self.files.run_dir
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        argv = qemu_command(image=image, definition=self.definition, tap=tap, run_dir=run_dir,
+                            accel=self.accel, incoming=incoming)
+        log.info("starting QEMU for %s: %s", self.name, " ".join(argv))
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+        output, _ = await proc.communicate()
+        if proc.returncode != 0:
+            lines = output.decode(errors="replace").strip().splitlines()
+            raise VMError(f"QEMU for {self.name} failed to start: "
+                          f"{lines[-1] if lines else f'exit status {proc.returncode}'}")
+
+    @contextlib.asynccontextmanager
+    async def qmp(self) -> AsyncIterator[QMPClient]:
+        client = QMPClient(f"nseh-{self.name}")
+        try:
+            await asyncio.wait_for(client.connect(str(self.files.qmp)), 5)
+        except (OSError, QMPError, TimeoutError) as exc:
+            raise VMError(f"cannot reach QEMU of {self.name} over QMP: {exc}") from None
+        try:
+            yield client
+        finally:
+            await client.disconnect()
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        async with self.qmp() as client:
+            try:
+                return await client.execute(command, arguments)
+            except QMPError as exc:
+                raise VMError(f"QMP {command} on {self.name} failed: {exc}") from None
+
+    async def run_status(self) -> str:
+        """QEMU's run state (running, paused, inmigrate, postmigrate, ...)."""
+        status = await self.execute("query-status")
+        return str(status["status"])
+
+    async def kill(self) -> None:
+        """Stop QEMU: politely over QMP, then by signal."""
+        pid = self.pid()
+        if pid is None:
+            return
+        with contextlib.suppress(VMError):
+            await self.execute("quit")
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            for _ in range(50):
+                if self.pid() is None:
+                    return
+                await asyncio.sleep(0.05)
+        raise VMError(f"QEMU of {self.name} (pid {pid}) does not exit")
+
+    def describe(self, host: str) -> dict[str, Any]:
+        net = self.definition.network
+        return {
+            "name": self.name, "host": host, "state": self.state.value,
+            "ipv4": str(net.ipv4) if net.ipv4 else None,
+            "ipv6": str(net.ipv6) if net.ipv6 else None,
+            "mac": self.definition.mac, "memory_mib": self.definition.memory_mib,
+            "mark": self.mark, "pid": self.pid(), "accel": self.accel,
+        }
+
+
+def load_all(vms_dir: Path) -> dict[str, VM]:
+    """Every VM record under `vms_dir`; unreadable records are logged and skipped."""
+    vms: dict[str, VM] = {}
+    for record in sorted(vms_dir.glob("*/vm.json")):
+        try:
+            vm = VM.load(record.parent)
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("ignoring unreadable VM record %s: %s", record, exc)
+            continue
+        vms[vm.name] = vm
+    return vms

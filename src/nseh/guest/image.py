@@ -1,0 +1,345 @@
+"""The guest image: Debian's kernel plus an initramfs built by nseh from Debian packages.
+
+The initramfs holds busybox-static, socat with its shared libraries (busybox has no UDP
+server), the virtio-net modules of the kernel package and the init script `init.sh`.
+Everything is downloaded with `apt-get download` into the cache directory and unpacked
+there; the host's /boot and /lib/modules are never used.
+
+Images are cached by the hash of everything that goes in (the packages' file hashes as apt
+reports them, init.sh, this recipe), built in a temporary directory and renamed into place,
+under a file lock so agents starting at once build once. `ensure_image` blocks (seconds when
+cached, about a minute when building): call it from a thread in async code.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import importlib.resources
+import json
+import logging
+import lzma
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path("/var/cache/nseh/guest")
+KERNEL_META_PACKAGE = "linux-image-amd64"
+# busybox for the userland; socat for the UDP (and TCP) echo services.
+TOOL_PACKAGES = ("busybox-static", "socat")
+# Dependencies first: virtio_ring before virtio, etc. (verified order, see DESIGN.md).
+VIRTIO_NET_MODULES = (
+    "virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
+    "failover", "net_failover", "virtio_net",
+)
+GUEST_BINARIES = ("usr/bin/socat",)
+GUEST_LIB_DIR = "lib/x86_64-linux-gnu"  # in the loader's default search path
+# Where shared libraries live inside the unpacked Debian packages.
+PACKAGE_LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib")
+_IMAGE_KERNEL = "vmlinuz"
+_IMAGE_INITRD = "initrd.img"
+
+
+class GuestImageError(RuntimeError):
+    """The guest image cannot be built; the message is one line."""
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    kernel: Path
+    initrd: Path
+
+
+@dataclass(frozen=True)
+class _Package:
+    name: str
+    filename: str  # as `apt-get download` names it
+    checksum: str  # "SHA256:<hex>", from the archive's index
+
+    def verify(self, path: Path) -> bool:
+        algorithm, _, expected = self.checksum.partition(":")
+        with path.open("rb") as deb:
+            digest = hashlib.file_digest(deb, algorithm.lower().removesuffix("sum"))
+        return digest.hexdigest() == expected
+
+
+def ensure_image(cache_dir: Path = DEFAULT_CACHE_DIR) -> GuestImage:
+    """Return the guest image for the current Debian packages, building it if needed."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    packages = _resolve_packages()
+    key = _cache_key(packages)
+    image_dir = cache_dir / "images" / key[:24]
+    image = GuestImage(kernel=image_dir / _IMAGE_KERNEL, initrd=image_dir / _IMAGE_INITRD)
+    if image_dir.is_dir():  # only ever created complete, by rename
+        return image
+    with _locked(cache_dir / "build.lock"):
+        if image_dir.is_dir():  # another agent built it while we waited
+            return image
+        started = time.monotonic()
+        log.info("building guest image %s in %s", key[:24], cache_dir)
+        _remove_stale_builds(cache_dir)
+        debs = _download(packages, cache_dir / "debs")
+        build_dir = Path(tempfile.mkdtemp(prefix="build-", dir=cache_dir))
+        try:
+            _build(debs, build_dir)
+            (build_dir / "inputs.json").write_text(json.dumps(
+                {"key": key, "packages": {p.name: p.filename for p in packages}}, indent=2))
+            image_dir.parent.mkdir(exist_ok=True)
+            build_dir.rename(image_dir)
+        finally:
+            shutil.rmtree(build_dir, ignore_errors=True)
+        log.info("built guest image %s in %.1f s", key[:24], time.monotonic() - started)
+    return image
+
+
+def _run(argv: list[str], cwd: Path | None = None) -> str:
+    try:
+        result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise GuestImageError(f"{argv[0]} not found: the guest image is built with apt and "
+                              "dpkg-deb (Debian)") from None
+    if result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise GuestImageError(f"{' '.join(argv[:3])} failed: {detail}")
+    return result.stdout
+
+
+def _resolve_packages() -> list[_Package]:
+    """The concrete packages (kernel, tools and the tools' library dependencies)."""
+    kernel = None
+    for line in _run(["apt-cache", "depends", KERNEL_META_PACKAGE]).splitlines():
+        dependency = line.strip().removeprefix("Depends: ")
+        if dependency.startswith("linux-image-"):
+            kernel = dependency
+            break
+    if kernel is None:
+        raise GuestImageError(f"cannot resolve the kernel package from {KERNEL_META_PACKAGE} "
+                              "(apt-get update?)")
+    # Direct and indirect Depends of the tools; virtual packages show as <name>.
+    closure = _run(["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
+                    "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances",
+                    *TOOL_PACKAGES])
+    names = [kernel] + [line for line in closure.splitlines()
+                        if line and not line[0].isspace() and not line.startswith("<")]
+    packages = []
+    for line in _run(["apt-get", "download", "--print-uris", *dict.fromkeys(names)]).splitlines():
+        _uri, filename, _size, checksum = line.split()
+        packages.append(_Package(filename.split("_")[0], filename, checksum))
+    return sorted(packages, key=lambda p: p.name)
+
+
+def _cache_key(packages: list[_Package]) -> str:
+    digest = hashlib.sha256()
+    for package in packages:
+        digest.update(f"{package.filename} {package.checksum}\n".encode())
+    digest.update(_init_script())
+    digest.update(Path(__file__).read_bytes())  # the recipe is an input too
+    return digest.hexdigest()
+
+
+def _init_script() -> bytes:
+    return importlib.resources.files("nseh.guest").joinpath("init.sh").read_bytes()
+
+
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    with lock_path.open("a") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process building the guest image (%s)", lock_path)
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _remove_stale_builds(cache_dir: Path) -> None:
+    # Called with the lock held: any build directory left is from a killed build.
+    for stale in cache_dir.glob("build-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _download(packages: list[_Package], deb_dir: Path) -> dict[str, Path]:
+    """The packages' .deb files, downloading those not cached yet."""
+    deb_dir.mkdir(exist_ok=True)
+    missing = [p for p in packages if not (deb_dir / p.filename).is_file()]
+    if missing:
+        log.info("downloading %d Debian packages", len(missing))
+        with tempfile.TemporaryDirectory(prefix="download-", dir=deb_dir) as download_dir:
+            # As root apt would drop to the _apt user, which cannot write our directory.
+            _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
+                  *(p.name for p in missing)], cwd=Path(download_dir))
+            for package in missing:
+                downloaded = Path(download_dir) / package.filename
+                if not downloaded.is_file() or not package.verify(downloaded):
+                    raise GuestImageError(f"apt-get download did not deliver {package.filename} "
+                                          "(package lists changed meanwhile? try again)")
+                downloaded.rename(deb_dir / package.filename)
+    return {p.name: deb_dir / p.filename for p in packages}
+
+
+def _build(debs: dict[str, Path], build_dir: Path) -> None:
+    """Write the kernel and the initramfs for `debs` into build_dir."""
+    unpacked = build_dir / "unpacked"
+    rootfs = build_dir / "rootfs"
+    kernel_tree = build_dir / "kernel"
+    for directory in (unpacked, rootfs, kernel_tree):
+        directory.mkdir()
+    kernel_deb = next(path for name, path in debs.items() if name.startswith("linux-image-"))
+    _extract_kernel(kernel_deb, kernel_tree)
+    for deb in debs.values():
+        if deb is not kernel_deb:
+            _run(["dpkg-deb", "-x", str(deb), str(unpacked)])
+
+    (kernel,) = kernel_tree.glob("boot/vmlinuz-*")
+    shutil.copyfile(kernel, build_dir / _IMAGE_KERNEL)
+
+    for directory in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp",
+                      "etc/nseh", "lib/nseh-modules", GUEST_LIB_DIR, "lib64"):
+        (rootfs / directory).mkdir(parents=True, exist_ok=True)
+    _install(unpacked / "bin/busybox", rootfs / "bin/busybox")
+    _install_bytes(_init_script(), rootfs / "init", executable=True)
+    for module in VIRTIO_NET_MODULES:
+        _install_module(kernel_tree, module, rootfs / "lib/nseh-modules" / f"{module}.ko")
+    _install_bytes("\n".join(VIRTIO_NET_MODULES).encode() + b"\n",
+                   rootfs / "etc/nseh/modules", executable=False)
+    for binary in GUEST_BINARIES:
+        _install_with_libraries(unpacked, binary, rootfs)
+
+    shutil.rmtree(unpacked)
+    shutil.rmtree(kernel_tree)
+    _pack_initramfs(rootfs, build_dir / _IMAGE_INITRD)
+    shutil.rmtree(rootfs)
+
+
+def _extract_kernel(deb: Path, target: Path) -> None:
+    # Only the kernel and the few modules we need: the full package unpacks to ~400 MB.
+    members = ["./boot/vmlinuz-*", *(f"*/{module}.ko*" for module in VIRTIO_NET_MODULES)]
+    with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
+                          stdout=subprocess.PIPE) as dpkg:
+        tar = subprocess.run(["tar", "-x", "-C", str(target), "--wildcards", *members],
+                             stdin=dpkg.stdout, capture_output=True, text=True, check=False)
+    if dpkg.returncode != 0 or tar.returncode != 0:
+        detail = (tar.stderr.strip().splitlines() or ["dpkg-deb failed"])[-1]
+        raise GuestImageError(f"cannot extract the kernel from {deb.name}: {detail}")
+
+
+def _install(source: Path, target: Path) -> None:
+    shutil.copyfile(source, target)
+    target.chmod(0o755)
+
+
+def _install_bytes(data: bytes, target: Path, *, executable: bool) -> None:
+    target.write_bytes(data)
+    target.chmod(0o755 if executable else 0o644)
+
+
+def _install_module(kernel_tree: Path, module: str, target: Path) -> None:
+    found = [p for p in kernel_tree.glob("lib/modules/*/kernel/**/*")
+             if p.name in (f"{module}.ko", f"{module}.ko.xz")]
+    if len(found) != 1:
+        raise GuestImageError(f"kernel package has {len(found)} copies of module {module}, "
+                              "expected 1")
+    data = found[0].read_bytes()
+    # insmod wants plain .ko; newer Debian kernels ship .ko.xz.
+    _install_bytes(lzma.decompress(data) if found[0].suffix == ".xz" else data, target,
+                   executable=False)
+
+
+def _install_with_libraries(unpacked: Path, binary: str, rootfs: Path) -> None:
+    """Copy a dynamically linked binary, its dynamic loader and all libraries it needs."""
+    _install(_real_path(unpacked, binary), rootfs / binary)
+    interpreter, needed = _elf_dependencies(rootfs / binary)
+    if interpreter:
+        _install(_real_path(unpacked, interpreter.lstrip("/")), rootfs / interpreter.lstrip("/"))
+    pending, done = list(needed), set()
+    while pending:
+        soname = pending.pop()
+        if soname in done:
+            continue
+        done.add(soname)
+        source = _find_library(unpacked, soname)
+        target = rootfs / GUEST_LIB_DIR / soname
+        _install(source, target)
+        pending.extend(_elf_dependencies(target)[1])
+
+
+def _find_library(unpacked: Path, soname: str) -> Path:
+    for directory in PACKAGE_LIB_DIRS:
+        if os.path.lexists(unpacked / directory / soname):
+            return _real_path(unpacked, f"{directory}/{soname}")
+    raise GuestImageError(f"shared library {soname} is in none of the downloaded packages")
+
+
+def _real_path(root: Path, relative: str) -> Path:
+    """Resolve symlinks inside an unpacked tree (absolute links are relative to the tree)."""
+    parts = list(Path(relative).parts)
+    resolved: list[str] = []
+    for _ in range(256):
+        if not parts:
+            return root.joinpath(*resolved)
+        part = parts.pop(0)
+        if part == "..":
+            resolved = resolved[:-1]
+            continue
+        candidate = root.joinpath(*resolved, part)
+        if candidate.is_symlink():
+            target = Path(os.readlink(candidate))
+            if target.is_absolute():
+                resolved = []
+            parts = list(target.parts[1:] if target.is_absolute() else target.parts) + parts
+        elif part != ".":
+            resolved.append(part)
+    raise GuestImageError(f"symlink loop at {relative} in the unpacked packages")
+
+
+def _elf_dependencies(path: Path) -> tuple[str | None, list[str]]:
+    """(program interpreter, DT_NEEDED sonames) of a 64-bit little-endian ELF file."""
+    data = path.read_bytes()
+    if data[:6] != b"\x7fELF\x02\x01":
+        raise GuestImageError(f"{path.name} is not a 64-bit little-endian ELF file")
+    phoff, shoff = struct.unpack_from("<QQ", data, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 0x36)
+    interpreter = None
+    for index in range(phnum):
+        p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from(
+            "<IIQQQQ", data, phoff + index * phentsize)
+        if p_type == 3:  # PT_INTERP
+            interpreter = data[p_offset:p_offset + p_filesz].rstrip(b"\0").decode()
+    sections = [struct.unpack_from("<IIQQQQII", data, shoff + index * shentsize)
+                for index in range(shnum)]
+    needed = []
+    for _name, sh_type, _flags, _addr, offset, size, link, _info in sections:
+        if sh_type != 6:  # SHT_DYNAMIC
+            continue
+        strtab_offset = sections[link][4]
+        for entry in range(offset, offset + size, 16):
+            tag, value = struct.unpack_from("<qQ", data, entry)
+            if tag == 1:  # DT_NEEDED
+                end = data.index(b"\0", strtab_offset + value)
+                needed.append(data[strtab_offset + value:end].decode())
+    return interpreter, needed
+
+
+def _pack_initramfs(rootfs: Path, target: Path) -> None:
+    """newc cpio of rootfs, gzip-compressed, files sorted for a reproducible archive."""
+    names = sorted(str(path.relative_to(rootfs)) for path in rootfs.rglob("*"))
+    archive = subprocess.run(["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"],
+                             cwd=rootfs, input="\n".join(names).encode(), capture_output=True,
+                             check=False)
+    if archive.returncode != 0:
+        raise GuestImageError(f"cpio failed: {archive.stderr.decode().strip()}")
+    with gzip.GzipFile(target, "wb", compresslevel=6, mtime=0) as compressed:
+        compressed.write(archive.stdout)

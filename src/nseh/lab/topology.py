@@ -1,0 +1,140 @@
+"""Namespaces, links, addresses and sysctls of the lab.
+
+Every link is created from inside a lab namespace (veth peers go straight into their target
+namespace), so the root network namespace is never touched, not even by a killed run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from socket import AF_INET, AF_INET6
+
+from pyroute2 import IPRoute, netns
+
+from nseh.lab import layout
+from nseh.lab.state import LabError
+
+# In every lab namespace: no IPv6 DAD, so v6 addresses are usable at once. Set before any
+# link exists there, so every link inherits it from `default`.
+_BASE_SYSCTLS = {
+    "net.ipv6.conf.all.accept_dad": "0",
+    "net.ipv6.conf.default.accept_dad": "0",
+}
+# In host namespaces: strict conntrack (DESIGN) and bridged traffic through the inet family.
+_HOST_SYSCTLS = {
+    "net.netfilter.nf_conntrack_tcp_loose": "0",
+    "net.bridge.bridge-nf-call-iptables": "1",
+    "net.bridge.bridge-nf-call-ip6tables": "1",
+}
+
+
+def lab_namespaces() -> list[str]:
+    """Existing network namespaces that belong to the lab (`nseh-*`)."""
+    return sorted(n for n in netns.listnetns() if n.startswith(layout.NAMESPACE_PREFIX))
+
+
+def create_namespace(name: str) -> None:
+    if name in netns.listnetns():
+        raise LabError(f"network namespace {name} already exists; run `nseh lab down` first")
+    netns.create(name)
+    set_sysctls(name, _BASE_SYSCTLS)
+
+
+def remove_namespace(name: str) -> None:
+    """Unmount and unlink the namespace; it goes away once nothing uses it any more."""
+    with contextlib.suppress(FileNotFoundError):
+        netns.remove(name)
+
+
+def set_sysctls(namespace: str, values: dict[str, str]) -> None:
+    # /proc/sys/net shows the namespace of the process that opens it, hence a process inside.
+    argv = layout.netns_exec_argv(
+        namespace, ["sysctl", "-q", "-w", *(f"{k}={v}" for k, v in values.items())])
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+        raise LabError(f"cannot set sysctls in {namespace}: {detail}")
+
+
+def read_sysctl(namespace: str, key: str) -> str:
+    argv = layout.netns_exec_argv(namespace, ["sysctl", "-n", key])
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    return ipr.link_lookup(ifname=ifname)[0]
+
+
+def _add_bridge(ipr: IPRoute, name: str, address: str | None = None) -> int:
+    # STP off and no forward delay: ports forward at once. Multicast snooping off: the lab
+    # has no MLD/IGMP querier, and snooped state would go stale when a VM moves hosts.
+    extra = {"address": address} if address else {}
+    ipr.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0,
+             br_mcast_snooping=0, **extra)
+    index = _index(ipr, name)
+    ipr.link("set", index=index, state="up")
+    return index
+
+
+def _add_fabric_port(ipr: IPRoute, bridge: int, port: str, peer: str, peer_ns: str) -> None:
+    """A veth whose `port` end joins a fabric bridge and whose `peer` end is in `peer_ns`."""
+    ipr.link("add", ifname=port, kind="veth", peer={"ifname": peer, "net_ns_fd": peer_ns})
+    ipr.link("set", index=_index(ipr, port), master=bridge, state="up")
+
+
+def _add_addresses(ipr: IPRoute, index: int, *addresses: tuple[str, int]) -> None:
+    for address, prefixlen in addresses:
+        ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
+
+
+def _open(namespace: str) -> IPRoute:
+    # flags=0: never create a namespace by accident (pyroute2's default is O_CREAT).
+    return IPRoute(netns=namespace, flags=0)
+
+
+def build_fabric(hosts: int, clients: int) -> None:
+    """The switch with a port per host (VM and management network) and per client."""
+    with _open(layout.FABRIC_NAMESPACE) as ipr:
+        ipr.link("set", index=_index(ipr, "lo"), state="up")
+        vmnet = _add_bridge(ipr, layout.FABRIC_VM_BRIDGE, layout.ROUTER_MAC)
+        mgmt = _add_bridge(ipr, layout.FABRIC_MGMT_BRIDGE)
+        for i in range(1, hosts + 1):
+            _add_fabric_port(ipr, vmnet, layout.host_fabric_vm_port(i), layout.HOST_UPLINK,
+                             layout.host_namespace(i))
+            _add_fabric_port(ipr, mgmt, layout.host_fabric_mgmt_port(i), layout.HOST_MGMT_LINK,
+                             layout.host_namespace(i))
+        for j in range(1, clients + 1):
+            _add_fabric_port(ipr, vmnet, layout.client_fabric_port(j), layout.CLIENT_LINK,
+                             layout.client_namespace(j))
+        _add_addresses(ipr, vmnet, (str(layout.ROUTER4), layout.VM_SUBNET4.prefixlen),
+                       (str(layout.ROUTER6), layout.VM_SUBNET6.prefixlen))
+
+
+def build_host(index: int) -> None:
+    """br-vm with the uplink as its port, and the management link; needs `build_fabric`."""
+    namespace = layout.host_namespace(index)
+    with _open(namespace) as ipr:
+        ipr.link("set", index=_index(ipr, "lo"), state="up")
+        br_vm = _add_bridge(ipr, layout.HOST_VM_BRIDGE)
+        ipr.link("set", index=_index(ipr, layout.HOST_UPLINK), master=br_vm, state="up")
+        mgmt0 = _index(ipr, layout.HOST_MGMT_LINK)
+        ipr.link("set", index=mgmt0, state="up")
+        _add_addresses(ipr, mgmt0,
+                       (str(layout.host_mgmt_ipv4(index)), layout.MGMT_SUBNET4.prefixlen),
+                       (str(layout.host_mgmt_ipv6(index)), layout.MGMT_SUBNET6.prefixlen))
+    # After the bridge exists: the br_netfilter sysctls need the bridge code in place.
+    set_sysctls(namespace, _HOST_SYSCTLS)
+
+
+def build_client(index: int) -> None:
+    """eth0 on the VM network with the client's addresses and the router as gateway."""
+    with _open(layout.client_namespace(index)) as ipr:
+        ipr.link("set", index=_index(ipr, "lo"), state="up")
+        eth0 = _index(ipr, layout.CLIENT_LINK)
+        ipr.link("set", index=eth0, state="up")
+        _add_addresses(ipr, eth0,
+                       (str(layout.client_ipv4(index)), layout.VM_SUBNET4.prefixlen),
+                       (str(layout.client_ipv6(index)), layout.VM_SUBNET6.prefixlen))
+        ipr.route("add", family=AF_INET, dst="0.0.0.0/0", gateway=str(layout.ROUTER4))
+        ipr.route("add", family=AF_INET6, dst="::/0", gateway=str(layout.ROUTER6))

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from nseh import lab
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="lab tests need root (namespaces, QEMU, nftables)")
+        for item in items:
+            if "lab" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def running_lab() -> Iterator[lab.LabStatus]:
+    """One lab (2 hosts, 2 clients, agents running) shared by one test module."""
+    lab.down()  # leftovers of a killed run
+    try:
+        yield lab.up(hosts=2, clients=2)
+    finally:
+        lab.down()

@@ -1,0 +1,123 @@
+"""Helpers for end-to-end tests on the lab: run the real CLI, probe from client nodes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from nseh import lab
+from nseh.lab.layout import namespace_of
+
+NSEH = str(Path(sys.executable).with_name("nseh"))
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_VM = REPO / "examples" / "web1.toml"
+
+
+def nseh(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the real `nseh` command line."""
+    result = subprocess.run([NSEH, *args], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"nseh {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+def nseh_json(*args: str) -> Any:
+    return json.loads(nseh(*args, "--json").stdout)
+
+
+_CONNECT = """
+import socket, sys
+host, port, proto, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+s = socket.socket(family, kind)
+s.settimeout(timeout)
+try:
+    s.connect((host, port))
+    s.sendall(b"hello\\n")
+    print("echo" if s.recv(100) == b"hello\\n" else "wrong")
+except socket.timeout:
+    print("timeout")
+except ConnectionRefusedError:
+    print("refused")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+def client_connect(client: int, host: str, port: int, proto: str = "tcp",
+                   timeout: float = 2.0) -> str:
+    """From client node `client`: "echo" if the VM's echo service answered, else why not."""
+    argv = lab.netns_exec_argv(lab.client_namespace(client),
+                               [sys.executable, "-c", _CONNECT, host, str(port), proto,
+                                str(timeout)])
+    return subprocess.run(argv, capture_output=True, text=True, check=True,
+                           timeout=timeout + 10).stdout.strip()
+
+
+def client_ping(client: int, host: str) -> bool:
+    argv = lab.netns_exec_argv(lab.client_namespace(client),
+                               ["ping", "-c", "1", "-W", "2", host])
+    return subprocess.run(argv, capture_output=True, timeout=10).returncode == 0
+
+
+def client_http_get(client: int, url: str) -> int:
+    """Bytes received from a plain HTTP GET, -1 if it failed."""
+    code = ("import sys, urllib.request\n"
+            "try: print(len(urllib.request.urlopen(sys.argv[1], timeout=3).read()))\n"
+            "except Exception: print(-1)")
+    argv = lab.netns_exec_argv(lab.client_namespace(client), [sys.executable, "-c", code, url])
+    return int(subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout)
+
+
+_ECHO_SERVER = """
+import socket, sys, threading
+def serve(port):
+    listener = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=echo, args=(conn,), daemon=True).start()
+def echo(conn):
+    with conn:
+        while data := conn.recv(4096):
+            conn.sendall(data)
+for port in sys.argv[2:]:
+    threading.Thread(target=serve, args=(int(port),), daemon=True).start()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def start_client_echo_server(client: int, ports: list[int]) -> Iterator[None]:
+    """A TCP echo server on client node `client` (for connections the VM opens)."""
+    argv = lab.netns_exec_argv(lab.client_namespace(client),
+                               [sys.executable, "-c", _ECHO_SERVER, "-", *map(str, ports)])
+    server = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        yield
+    finally:
+        server.kill()
+        server.wait()
+
+
+@contextlib.contextmanager
+def management_link_down(host: str) -> Iterator[None]:
+    """Cut a host off the management network (its mgmt0 link down) for the duration."""
+    namespace = namespace_of(host)
+    subprocess.run(["ip", "-n", namespace, "link", "set", lab.HOST_MGMT_LINK, "down"],
+                   check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["ip", "-n", namespace, "link", "set", lab.HOST_MGMT_LINK, "up"],
+                       check=True)
+        time.sleep(0.5)

@@ -1,0 +1,66 @@
+"""Loading VM definitions: good ones parse, bad ones give one-line errors naming the field."""
+
+from pathlib import Path
+
+import pytest
+
+from nseh.definition import DefinitionError, load_definition
+
+GOOD = """
+name = "web1"
+memory_mib = 256
+[network]
+ipv4 = "10.0.0.10/24"
+ipv6 = "fd00::10/64"
+[[policy.inbound]]
+proto = "tcp"
+ports = [7, 80]
+peers = ["10.0.0.0/24", "fd00::/64"]
+[[policy.outbound]]
+proto = "icmp"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "vm.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_good_definition_loads(tmp_path):
+    vm = load_definition(write(tmp_path, GOOD))
+    assert vm.name == "web1" and vm.memory_mib == 256
+    assert [str(a) for a in vm.addresses] == ["10.0.0.10", "fd00::10"]
+    assert vm.policy.inbound[0].ports == (7, 80)
+    assert vm.mac.startswith("52:54:00:") and vm.mac == load_definition(
+        write(tmp_path, GOOD)).mac
+
+
+def test_the_name_can_be_given_outside_the_file(tmp_path):
+    assert load_definition(write(tmp_path, GOOD), name="web2").name == "web2"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("name = ", "not valid TOML"),
+    ('name = "Web 1"\n[network]\nipv4 = "10.0.0.1/24"', "name:"),
+    ('name = "a"\n[network]\n', "network: a VM needs an ipv4 or an ipv6 address"),
+    ('name = "a"\n[network]\nipv4 = "10.0.0.300/24"', "network.ipv4"),
+    ('name = "a"\nmemory_mib = 1\n[network]\nipv4 = "10.0.0.1/24"', "memory_mib"),
+    ('name = "a"\ncolour = 1\n[network]\nipv4 = "10.0.0.1/24"', "colour"),
+    ('name = "a"\n[network]\nipv4 = "10.0.0.1/24"\n[[policy.inbound]]\nproto = "icmp"\n'
+     'ports = [1]', "ports are only valid with proto tcp or udp"),
+    ('name = "a"\n[network]\nipv4 = "10.0.0.1/24"\n[[policy.inbound]]\nproto = "tcp"\n'
+     'ports = [70000]', "policy.inbound.0.ports.0"),
+    ('name = "a"\n[network]\nipv4 = "10.0.0.1/24"\nmac = "01:00:00:00:00:01"',
+     "multicast"),
+])
+def test_bad_definitions_give_one_line_errors(tmp_path, text, expected):
+    with pytest.raises(DefinitionError) as info:
+        load_definition(write(tmp_path, text))
+    message = str(info.value)
+    assert expected in message and "\n" not in message and str(tmp_path) in message
+
+
+def test_a_missing_file_is_a_definition_error(tmp_path):
+    with pytest.raises(DefinitionError, match="cannot read"):
+        load_definition(tmp_path / "absent.toml")
