@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,8 +18,6 @@ import pytest
 from nseh import lab
 from nseh.inventory import LAB_INVENTORY, Inventory
 from nseh.lab import layout, processes, topology
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
 # Stands in for `python -m nseh.agent --config X` (the real agent is tested elsewhere):
 # it serves the config's api_socket, like an agent that came up.
@@ -115,7 +116,6 @@ def test_up_refuses_bad_counts(hosts: int, clients: int) -> None:
 
 
 @pytest.mark.lab
-@needs_root
 class TestRunningLab:
     def test_clients_reach_each_other_and_the_router(self, lab_2x2: lab.LabStatus) -> None:
         for target in (lab.client_ipv4(2), lab.client_ipv6(2), lab.ROUTER4, lab.ROUTER6):
@@ -218,7 +218,6 @@ class TestRunningLab:
 
 
 @pytest.mark.lab
-@needs_root
 def test_down_removes_everything_and_kills_what_runs(clean: None, tmp_path: Path) -> None:
     lab.up(1, 1, start_agents=False)
     agent = lab.start_agent("h1", timeout=20, python=fake_python(tmp_path, "a", SERVING_AGENT))
@@ -248,7 +247,6 @@ def test_down_removes_everything_and_kills_what_runs(clean: None, tmp_path: Path
 
 
 @pytest.mark.lab
-@needs_root
 def test_down_cleans_a_half_made_lab(clean: None) -> None:
     # As a killed `up` leaves it: some namespaces, a process in one, no lab.json.
     for namespace in ("nseh-fabric", "nseh-h1"):
@@ -269,7 +267,6 @@ def test_down_cleans_a_half_made_lab(clean: None) -> None:
 
 
 @pytest.mark.lab
-@needs_root
 def test_up_undoes_its_work_when_it_fails(
         clean: None, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken_client(index: int) -> None:
@@ -279,3 +276,32 @@ def test_up_undoes_its_work_when_it_fails(
     with pytest.raises(RuntimeError, match="injected failure"):
         lab.up(2, 1, start_agents=False)
     assert_lab_gone()
+
+
+@pytest.mark.lab
+def test_up_with_an_agent_that_fails_is_undone_and_keeps_the_log(
+        clean: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    failing = fake_python(tmp_path, "failing", FAILING_AGENT)
+    monkeypatch.setattr(lab, "start_agent", functools.partial(lab.start_agent, python=failing))
+    try:
+        with pytest.raises(lab.LabError) as err:
+            lab.up(2, 1)
+        message = str(err.value)
+        assert "\n" not in message
+        assert "agent: cannot start" in message
+        kept_log = layout.FAILED_UP_DIR / "h1" / "agent.log"
+        assert str(kept_log) in message
+        assert "agent: cannot start" in kept_log.read_text()
+        assert_lab_gone()
+    finally:
+        shutil.rmtree(layout.FAILED_UP_DIR, ignore_errors=True)
+
+
+@pytest.mark.lab
+def test_down_waits_for_a_running_up_then_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lab, "LOCK_TIMEOUT", 0.3)
+    layout.LAB_LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with layout.LAB_LOCK_FILE.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running `nseh lab up` holds it
+        with pytest.raises(lab.LabError, match="still running"):
+            lab.down()

@@ -272,8 +272,9 @@ class _TableState:
                 self.counters[item["counter"]["name"]] = item["counter"]["packets"]
             elif "map" in item and item["map"]["name"].startswith("out"):
                 for key, verdict in item["map"].get("elem", []):
-                    target = next(iter(verdict.values()))["target"]
-                    if found := _VM_CHAIN.match(target):
+                    # {"jump": {"target": chain}}; other verdicts ({"drop": null}) are not ours.
+                    target = next(iter(verdict.values())) or {}
+                    if found := _VM_CHAIN.match(target.get("target", "")):
                         self.addresses.setdefault(found.group(1), set()).add(
                             ipaddress.ip_address(key))
             elif "rule" in item and (found := _VM_CHAIN.match(item["rule"]["chain"])):
@@ -287,8 +288,13 @@ class _TableState:
 
 
 def _one_line(error: str) -> str:
-    lines = [line.strip() for line in error.splitlines() if line.startswith("Error:")]
-    return "; ".join(lines) or " ".join(error.split()) or "unknown error"
+    """nft's error messages without locations and command echoes, deduplicated, on one line."""
+    messages: list[str] = []
+    for line in error.splitlines():
+        _, found, message = line.partition("Error: ")
+        if found and message.strip() not in messages:
+            messages.append(message.strip())
+    return "; ".join(messages) or " ".join(error.split()) or "unknown nft error"
 
 
 class Firewall:
@@ -327,7 +333,12 @@ class Firewall:
         """Install a VM's policy, or replace it if installed, in one atomic transaction."""
         commands = render_vm_policy(definition, mark)
         with self._lock:
-            installed = self._state().addresses.get(definition.name, set())
+            state = self._state()
+            for other, addresses in state.addresses.items():
+                if other != definition.name and (taken := addresses & set(definition.addresses)):
+                    raise FirewallError(f"install VM {definition.name}: address "
+                                        f"{min(taken, key=str)} belongs to {other}")
+            installed = state.addresses.get(definition.name, set())
             stale = installed - set(definition.addresses)
             removal = [c for address in sorted(stale, key=str) for c in _element_removal(address)]
             self._run(removal + commands, f"install VM {definition.name}")

@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from nseh.definition import VMDefinition
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("/var/cache/nseh/guest")
@@ -48,6 +50,19 @@ GUEST_LIB_DIR = "lib/x86_64-linux-gnu"  # in the loader's default search path
 PACKAGE_LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib")
 _IMAGE_KERNEL = "vmlinuz"
 _IMAGE_INITRD = "initrd.img"
+
+
+def kernel_cmdline(definition: VMDefinition) -> str:
+    """Kernel command line: serial console plus the guest network config read by init.sh."""
+    network = definition.network
+    params = {
+        "name": definition.name,
+        "ip4": network.ipv4, "gw4": network.gateway4,
+        "ip6": network.ipv6, "gw6": network.gateway6,
+    }
+    words = ["console=ttyS0", "panic=-1"]
+    words += [f"nseh.{key}={value}" for key, value in params.items() if value is not None]
+    return " ".join(words)
 
 
 class GuestImageError(RuntimeError):
@@ -90,6 +105,7 @@ def ensure_image(cache_dir: Path = DEFAULT_CACHE_DIR) -> GuestImage:
         _remove_stale_builds(cache_dir)
         debs = _download(packages, cache_dir / "debs")
         build_dir = Path(tempfile.mkdtemp(prefix="build-", dir=cache_dir))
+        build_dir.chmod(0o755)  # mkdtemp makes it private
         try:
             _build(debs, build_dir)
             (build_dir / "inputs.json").write_text(json.dumps(
@@ -118,9 +134,8 @@ def _resolve_packages() -> list[_Package]:
     """The concrete packages (kernel, tools and the tools' library dependencies)."""
     kernel = None
     for line in _run(["apt-cache", "depends", KERNEL_META_PACKAGE]).splitlines():
-        dependency = line.strip().removeprefix("Depends: ")
-        if dependency.startswith("linux-image-"):
-            kernel = dependency
+        if line.strip().startswith("Depends: linux-image-"):
+            kernel = line.strip().removeprefix("Depends: ")
             break
     if kernel is None:
         raise GuestImageError(f"cannot resolve the kernel package from {KERNEL_META_PACKAGE} "
@@ -197,7 +212,9 @@ def _build(debs: dict[str, Path], build_dir: Path) -> None:
     kernel_tree = build_dir / "kernel"
     for directory in (unpacked, rootfs, kernel_tree):
         directory.mkdir()
-    kernel_deb = next(path for name, path in debs.items() if name.startswith("linux-image-"))
+    # The concrete kernel package (linux-image-6.1.0-N-amd64), not the meta package.
+    kernel_deb = next(path for name, path in debs.items()
+                      if name.startswith("linux-image-") and name != KERNEL_META_PACKAGE)
     _extract_kernel(kernel_deb, kernel_tree)
     for deb in debs.values():
         if deb is not kernel_deb:

@@ -12,8 +12,9 @@
 # answered with
 #   NSEH-BEGIN <nonce> / <base64 of the script's stdout+stderr> / NSEH-END <nonce> <exit status>
 # The script runs with stdin from /dev/null and at most <seconds> seconds; processes it
-# starts in the background keep running. No state is kept between requests, so the host may
-# reconnect at will (also to the destination QEMU after a live migration).
+# starts in the background keep running (unless it runs out of time). No state is kept
+# between requests, so the host may reconnect at will (also to the destination QEMU after a
+# live migration).
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -90,8 +91,14 @@ serve_commands() {
         case "$seconds" in "" | *[!0-9]*) continue ;; esac
         out=/tmp/nseh-exec-$nonce
         echo "$script" | base64 -d >"$out.sh"
-        timeout -s KILL "$seconds" sh "$out.sh" </dev/null >"$out" 2>&1
+        # setsid: the script and everything it starts form a process group (its pid), so a
+        # script that runs out of time is killed with what it left behind. Background
+        # processes of scripts that finish in time keep running.
+        timeout -s KILL "$seconds" setsid sh "$out.sh" </dev/null >"$out" 2>&1 &
+        pid=$!
+        wait "$pid"
         status=$?
+        [ "$status" = 137 ] && kill -KILL -- "-$pid" 2>/dev/null
         printf '\nNSEH-BEGIN %s\n' "$nonce"
         base64 "$out"
         printf 'NSEH-END %s %s\n' "$nonce" "$status"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -91,6 +92,8 @@ __all__ = [
     "up",
 ]
 
+# How long up/down wait for another up/down to finish (an agent start alone may take 30 s).
+LOCK_TIMEOUT = 90.0
 # down() repeats its sweep this often, for processes started while it was killing others.
 _SWEEPS = 3
 
@@ -100,7 +103,16 @@ def _lab_lock() -> Iterator[None]:
     """Serialises up and down, so two of them never build or tear down at once."""
     layout.LAB_LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
     with layout.LAB_LOCK_FILE.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LabError(f"another `nseh lab up` or `down` is still running "
+                                   f"(it holds {layout.LAB_LOCK_FILE})") from None
+                time.sleep(0.1)
         yield
 
 
