@@ -29,7 +29,9 @@ def nseh(*args: str, check: bool = True, timeout: float = 600) -> subprocess.Com
 
 
 def nseh_json(*args: str) -> Any:
-    return json.loads(nseh(*args, "--json").stdout)
+    """Run `nseh ... --json` (the flag goes before a `--` that starts a guest command)."""
+    split = args.index("--") if "--" in args else len(args)
+    return json.loads(nseh(*args[:split], "--json", *args[split:]).stdout)
 
 
 _CONNECT = """

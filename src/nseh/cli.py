@@ -48,7 +48,7 @@ InventoryOption = Annotated[
 
 
 def fail(message: str) -> NoReturn:
-    err.print(f"[bold red]nseh: error:[/] {message}", highlight=False)
+    err.print(f"[bold red]nseh: error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 

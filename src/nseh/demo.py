@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from nseh import lab
@@ -107,7 +108,7 @@ def show(console: Console, result: dict[str, Any]) -> None:
                   title=f"client c1's flows (--sc {result['sc_mode']})")
     for flow in result["flows"]:
         fate = "[green]survived[/]" if flow["alive"] else "[red]broken[/]"
-        table.add_row(f"{flow['kind']} {flow['target']}", str(flow["echoed"]),
+        table.add_row(escape(f"{flow['kind']} {flow['target']}"), str(flow["echoed"]),
                       f"{flow['longest_gap_ms']:.0f} ms", fate)
     console.print(table)
     console.print(f"destination h2 firewall: {result['destination_invalid_drops']} packets "

@@ -154,7 +154,8 @@ class HostAgent:
         try:
             emit({"step": "firewall", "message": f"installing the policy of {vm.name}"})
             self.firewall.install_vm(definition, vm.mark)
-            tap = create_tap(vm.name, self.config.vm_bridge)
+            # pyroute2's sync API runs its own event loop: keep it off ours.
+            tap = await asyncio.to_thread(create_tap, vm.name, self.config.vm_bridge)
             emit({"step": "qemu", "message": f"starting QEMU ({self.accel})"})
             await vm.launch(image, tap, incoming=incoming)
         except Exception:
@@ -165,9 +166,9 @@ class HostAgent:
     async def _destroy(self, vm: VM) -> None:
         """Remove every trace of `vm` from this host: QEMU, tap, policy, conntrack, record."""
         await vm.kill()
-        delete_tap(vm.name)
+        await asyncio.to_thread(delete_tap, vm.name)
         self.firewall.remove_vm(vm.name)
-        self.firewall.flush_conntrack(vm.mark)
+        await asyncio.to_thread(self.firewall.flush_conntrack, vm.mark)
         vm.forget()
         self.vms.pop(vm.name, None)
         log.info("VM %s removed from host %s", vm.name, self.host)

@@ -74,7 +74,10 @@ def detect_accel(preference: str = "auto") -> str:
 
 def qemu_command(*, image: GuestImage, definition: VMDefinition, tap: str, run_dir: Path,
                  accel: str, incoming: str | None = None) -> list[str]:
-    """argv that starts the VM daemonized, attached to the existing tap device `tap`."""
+    """argv that starts the VM daemonized, attached to the existing tap device `tap`.
+
+    run_dir must exist; QEMU creates the files of `VMRunFiles(run_dir)` in it.
+    """
     if accel not in ("kvm", "tcg"):
         raise QemuConfigError(f"accelerator must be kvm or tcg, not {accel!r}")
     files = VMRunFiles(run_dir)

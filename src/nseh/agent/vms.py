@@ -117,7 +117,9 @@ class VM:
         try:
             yield client
         finally:
-            await client.disconnect()
+            # After `quit` QEMU closes the socket first; that is not an error.
+            with contextlib.suppress(QMPError, EOFError, OSError):
+                await client.disconnect()
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         async with self.qmp() as client:

@@ -82,6 +82,6 @@ class ApiServer:
             reply = Error(request.id, exc.code, str(exc))
         except Exception as exc:
             log.exception("%s failed", request.method)
-            reply = Error(request.id, "internal", f"{request.method} failed: {exc}")
+            reply = Error(request.id, "internal", f"{request.method} failed: {exc!r}")
         writer.write(encode(reply))
         await writer.drain()

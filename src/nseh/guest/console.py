@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import math
 import re
 import secrets
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _READ_CHUNK = 65536
+_PROBE_INTERVAL = 1.0  # seconds between readiness probes
 
 
 class GuestConsoleError(RuntimeError):
@@ -39,22 +41,47 @@ class GuestConsole:
         self._lock = asyncio.Lock()
 
     async def wait_ready(self, timeout: float) -> None:
-        """Wait until the guest's command loop answers."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise GuestConsoleError(
-                    f"guest console {self.socket_path} not ready after {timeout:g} s")
+        """Wait until the guest's command loop answers (QEMU may not have started yet)."""
+        async with self._lock:
             try:
-                await self.exec("true", timeout=min(3.0, remaining))
-                return
-            except GuestConsoleError:
-                await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))
+                await asyncio.wait_for(self._probe_until_ready(), timeout)
+            except TimeoutError:
+                raise GuestConsoleError(
+                    f"guest console {self.socket_path} not ready after {timeout:g} s") from None
+
+    async def _probe_until_ready(self) -> None:
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(self.socket_path)
+            except OSError:  # QEMU not listening yet
+                await asyncio.sleep(_PROBE_INTERVAL / 5)
+                continue
+            try:
+                # One connection, a probe per interval: the guest reads the line as soon as
+                # its command loop starts. Probes sent earlier are still queued then; they are
+                # empty commands, which the guest answers without running anything.
+                probes: list[bytes] = []
+                received = bytearray()
+                while True:
+                    nonce = secrets.token_hex(8)
+                    probes.append(b"NSEH-END %s " % nonce.encode())
+                    writer.write(_request(nonce, "", _PROBE_INTERVAL))
+                    await writer.drain()
+                    with contextlib.suppress(TimeoutError):
+                        chunk = await asyncio.wait_for(reader.read(_READ_CHUNK), _PROBE_INTERVAL)
+                        if not chunk:
+                            break
+                        received += chunk
+                        if any(probe in received for probe in probes):
+                            return
+            except OSError:
+                pass
+            finally:
+                writer.close()
+            await asyncio.sleep(_PROBE_INTERVAL / 5)
 
     async def exec(self, command: str, timeout: float = 30) -> ExecResult:
-        """Run `command` with the guest's sh; `timeout` counts from when it is sent.
+        """Run `command` with the guest's sh; `timeout` counts once it is this caller's turn.
 
         The guest kills the command when its time is up. Background processes it starts
         (`... &`) keep running; give them their own stdout/stderr, since the command's output
@@ -75,11 +102,12 @@ class GuestConsole:
                 f"guest console {self.socket_path} unavailable: {exc.strerror or exc}") from None
         try:
             nonce = secrets.token_hex(8)
-            script = base64.b64encode(command.encode()).decode()
-            # The leading newline ends any partial line left by an earlier writer.
-            writer.write(f"\nNSEH {nonce} {math.ceil(timeout)} {script} END\n".encode())
+            writer.write(_request(nonce, command, timeout))
             await writer.drain()
-            return await _read_answer(reader, nonce)
+            answer = await _read_answer(reader, nonce)
+            if answer is None:
+                raise GuestConsoleError(f"guest console {self.socket_path} closed the connection")
+            return answer
         except OSError as exc:
             raise GuestConsoleError(
                 f"guest console {self.socket_path} connection lost: {exc.strerror or exc}"
@@ -88,7 +116,14 @@ class GuestConsole:
             writer.close()
 
 
-async def _read_answer(reader: asyncio.StreamReader, nonce: str) -> ExecResult:
+def _request(nonce: str, command: str, timeout: float) -> bytes:
+    script = base64.b64encode(command.encode()).decode() or "-"
+    # The leading newline ends any partial line left by an earlier writer.
+    return f"\nNSEH {nonce} {math.ceil(timeout)} {script} END\n".encode()
+
+
+async def _read_answer(reader: asyncio.StreamReader, nonce: str) -> ExecResult | None:
+    """The answer to request `nonce`, skipping everything else; None if the line closes."""
     answer = re.compile(
         rb"NSEH-BEGIN %s\r?\n(?P<output>[A-Za-z0-9+/=\r\n]*?)NSEH-END %s (?P<status>\d+)\r?\n"
         % (nonce.encode(), nonce.encode()))
@@ -96,7 +131,7 @@ async def _read_answer(reader: asyncio.StreamReader, nonce: str) -> ExecResult:
     while True:
         chunk = await reader.read(_READ_CHUNK)
         if not chunk:
-            raise GuestConsoleError("guest console closed the connection")
+            return None
         received += chunk
         # The end marker comes last: only then is a full match worth looking for.
         if b"NSEH-END " + nonce.encode() not in received[-len(chunk) - 64:]:

@@ -7,8 +7,9 @@ there; the host's /boot and /lib/modules are never used.
 
 Images are cached by the hash of everything that goes in (the packages' file hashes as apt
 reports them, init.sh, this recipe), built in a temporary directory and renamed into place,
-under a file lock so agents starting at once build once. `ensure_image` blocks (seconds when
-cached, about a minute when building): call it from a thread in async code.
+under a file lock so agents starting at once build once. `ensure_image` blocks (about 2 s
+when cached, for apt to resolve the package versions; a few seconds more to build, plus a
+~75 MB download the first time): call it from a thread in async code.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,21 +50,8 @@ GUEST_BINARIES = ("usr/bin/socat",)
 GUEST_LIB_DIR = "lib/x86_64-linux-gnu"  # in the loader's default search path
 # Where shared libraries live inside the unpacked Debian packages.
 PACKAGE_LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib")
-_IMAGE_KERNEL = "vmlinuz"
+_IMAGE_KERNEL = "kernel"
 _IMAGE_INITRD = "initrd.img"
-
-
-def kernel_cmdline(definition: VMDefinition) -> str:
-    """Kernel command line: serial console plus the guest network config read by init.sh."""
-    network = definition.network
-    params = {
-        "name": definition.name,
-        "ip4": network.ipv4, "gw4": network.gateway4,
-        "ip6": network.ipv6, "gw6": network.gateway6,
-    }
-    words = ["console=ttyS0", "panic=-1"]
-    words += [f"nseh.{key}={value}" for key, value in params.items() if value is not None]
-    return " ".join(words)
 
 
 class GuestImageError(RuntimeError):
@@ -90,7 +79,11 @@ class _Package:
 
 def ensure_image(cache_dir: Path = DEFAULT_CACHE_DIR) -> GuestImage:
     """Return the guest image for the current Debian packages, building it if needed."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GuestImageError(f"cannot create the guest image cache {cache_dir}: "
+                              f"{exc.strerror}") from None
     packages = _resolve_packages()
     key = _cache_key(packages)
     image_dir = cache_dir / "images" / key[:24]
@@ -116,6 +109,20 @@ def ensure_image(cache_dir: Path = DEFAULT_CACHE_DIR) -> GuestImage:
             shutil.rmtree(build_dir, ignore_errors=True)
         log.info("built guest image %s in %.1f s", key[:24], time.monotonic() - started)
     return image
+
+
+def kernel_cmdline(definition: VMDefinition) -> str:
+    """Kernel command line: serial console plus the guest network config read by init.sh."""
+    network = definition.network
+    params = {
+        "name": definition.name,
+        "ip4": network.ipv4, "gw4": network.gateway4,
+        "ip6": network.ipv6, "gw6": network.gateway6,
+    }
+    # panic=-1 reboots at once on a panic, which QEMU's -no-reboot turns into an exit.
+    words = ["console=ttyS0", "panic=-1"]
+    words += [f"nseh.{key}={value}" for key, value in params.items() if value is not None]
+    return " ".join(words)
 
 
 def _run(argv: list[str], cwd: Path | None = None) -> str:
@@ -181,8 +188,8 @@ def _locked(lock_path: Path) -> Iterator[None]:
 
 
 def _remove_stale_builds(cache_dir: Path) -> None:
-    # Called with the lock held: any build directory left is from a killed build.
-    for stale in cache_dir.glob("build-*"):
+    # Called with the lock held: any build or download directory left is from a killed build.
+    for stale in [*cache_dir.glob("build-*"), *cache_dir.glob("debs/download-*")]:
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -209,7 +216,7 @@ def _build(debs: dict[str, Path], build_dir: Path) -> None:
     """Write the kernel and the initramfs for `debs` into build_dir."""
     unpacked = build_dir / "unpacked"
     rootfs = build_dir / "rootfs"
-    kernel_tree = build_dir / "kernel"
+    kernel_tree = build_dir / "kernel-package"
     for directory in (unpacked, rootfs, kernel_tree):
         directory.mkdir()
     # The concrete kernel package (linux-image-6.1.0-N-amd64), not the meta package.
@@ -221,7 +228,7 @@ def _build(debs: dict[str, Path], build_dir: Path) -> None:
             _run(["dpkg-deb", "-x", str(deb), str(unpacked)])
 
     (kernel,) = kernel_tree.glob("boot/vmlinuz-*")
-    shutil.copyfile(kernel, build_dir / _IMAGE_KERNEL)
+    _install_kernel(kernel, build_dir / _IMAGE_KERNEL)
 
     for directory in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp",
                       "etc/nseh", "lib/nseh-modules", GUEST_LIB_DIR, "lib64"):
@@ -251,6 +258,53 @@ def _extract_kernel(deb: Path, target: Path) -> None:
     if dpkg.returncode != 0 or tar.returncode != 0:
         detail = (tar.stderr.strip().splitlines() or ["dpkg-deb failed"])[-1]
         raise GuestImageError(f"cannot extract the kernel from {deb.name}: {detail}")
+
+
+def _install_kernel(bzimage: Path, target: Path) -> None:
+    """Install the kernel to boot: uncompressed when possible.
+
+    QEMU boots an uncompressed vmlinux through its PVH entry point, which skips the kernel's
+    self-decompression: under TCG that halves the boot time (5.5 s -> 2.7 s measured).
+    """
+    data = bzimage.read_bytes()
+    vmlinux = _uncompressed_kernel(data)
+    if vmlinux is None:
+        log.info("no PVH-capable uncompressed kernel in %s: booting it compressed", bzimage.name)
+    target.write_bytes(vmlinux or data)
+
+
+def _uncompressed_kernel(bzimage: bytes) -> bytes | None:
+    """The vmlinux inside a bzImage if it can be unpacked and has a PVH entry, else None."""
+    if bzimage[0x202:0x206] != b"HdrS":  # x86 boot protocol header
+        return None
+    setup_sectors = bzimage[0x1F1] or 4
+    payload_offset, payload_length = struct.unpack_from("<II", bzimage, 0x248)
+    start = (setup_sectors + 1) * 512 + payload_offset
+    payload = bzimage[start:start + payload_length]
+    try:
+        if payload.startswith(b"\xfd7zXZ\x00"):
+            vmlinux = lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(payload)
+        elif payload.startswith(b"\x1f\x8b"):
+            vmlinux = zlib.decompressobj(wbits=31).decompress(payload)
+        else:  # e.g. zstd, which the standard library cannot unpack
+            return None
+    except (lzma.LZMAError, zlib.error):
+        return None
+    return vmlinux if vmlinux.startswith(b"\x7fELF") and _has_pvh_entry(vmlinux) else None
+
+
+def _has_pvh_entry(elf: bytes) -> bool:
+    for p_type, offset, size in _program_headers(elf):
+        if p_type != 4:  # PT_NOTE
+            continue
+        position = offset
+        while position + 12 <= offset + size:
+            name_size, desc_size, note_type = struct.unpack_from("<III", elf, position)
+            name = elf[position + 12:position + 12 + name_size]
+            if name == b"Xen\0" and note_type == 18:  # XEN_ELFNOTE_PHYS32_ENTRY
+                return True
+            position += 12 + (name_size + 3) // 4 * 4 + (desc_size + 3) // 4 * 4
+    return False
 
 
 def _install(source: Path, target: Path) -> None:
@@ -327,14 +381,12 @@ def _elf_dependencies(path: Path) -> tuple[str | None, list[str]]:
     data = path.read_bytes()
     if data[:6] != b"\x7fELF\x02\x01":
         raise GuestImageError(f"{path.name} is not a 64-bit little-endian ELF file")
-    phoff, shoff = struct.unpack_from("<QQ", data, 0x20)
-    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 0x36)
     interpreter = None
-    for index in range(phnum):
-        p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from(
-            "<IIQQQQ", data, phoff + index * phentsize)
+    for p_type, offset, size in _program_headers(data):
         if p_type == 3:  # PT_INTERP
-            interpreter = data[p_offset:p_offset + p_filesz].rstrip(b"\0").decode()
+            interpreter = data[offset:offset + size].rstrip(b"\0").decode()
+    shoff = struct.unpack_from("<Q", data, 0x28)[0]
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
     sections = [struct.unpack_from("<IIQQQQII", data, shoff + index * shentsize)
                 for index in range(shnum)]
     needed = []
@@ -350,10 +402,28 @@ def _elf_dependencies(path: Path) -> tuple[str | None, list[str]]:
     return interpreter, needed
 
 
+def _program_headers(elf: bytes) -> Iterator[tuple[int, int, int]]:
+    """(type, file offset, file size) of each program header of a 64-bit ELF file."""
+    phoff = struct.unpack_from("<Q", elf, 0x20)[0]
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for index in range(phnum):
+        p_type, _flags, offset, _vaddr, _paddr, size = struct.unpack_from(
+            "<IIQQQQ", elf, phoff + index * phentsize)
+        yield p_type, offset, size
+
+
 def _pack_initramfs(rootfs: Path, target: Path) -> None:
-    """newc cpio of rootfs, gzip-compressed, files sorted for a reproducible archive."""
-    names = sorted(str(path.relative_to(rootfs)) for path in rootfs.rglob("*"))
-    archive = subprocess.run(["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"],
+    """newc cpio of rootfs, gzip-compressed.
+
+    Reproducible (sorted names, fixed times and inode numbers): agents that build the image
+    independently boot byte-identical guests, which keeps their VMs migratable.
+    """
+    paths = sorted(rootfs.rglob("*"))
+    for path in paths:
+        os.utime(path, (0, 0), follow_symlinks=False)
+    names = [str(path.relative_to(rootfs)) for path in paths]
+    archive = subprocess.run(["cpio", "-o", "-H", "newc", "-R", "0:0", "--reproducible",
+                              "--quiet"],
                              cwd=rootfs, input="\n".join(names).encode(), capture_output=True,
                              check=False)
     if archive.returncode != 0:

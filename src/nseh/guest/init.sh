@@ -8,7 +8,7 @@
 # - serves the host's command channel on /dev/ttyS1 (the kernel console is ttyS0).
 #
 # Command channel protocol, one request per line (anything else on the line is ignored):
-#   NSEH <nonce> <seconds> <base64 script> END
+#   NSEH <nonce> <seconds> <base64 script, or - for an empty one> END
 # answered with
 #   NSEH-BEGIN <nonce> / <base64 of the script's stdout+stderr> / NSEH-END <nonce> <exit status>
 # The script runs with stdin from /dev/null and at most <seconds> seconds; processes it
@@ -89,6 +89,10 @@ serve_commands() {
         # The nonce names files, the limit is a number: reject anything else as line noise.
         case "$nonce" in "" | *[!0-9a-f]*) continue ;; esac
         case "$seconds" in "" | *[!0-9]*) continue ;; esac
+        if [ "$script" = - ]; then  # empty script: answered without forking (readiness probes)
+            printf '\nNSEH-BEGIN %s\nNSEH-END %s 0\n' "$nonce" "$nonce"
+            continue
+        fi
         out=/tmp/nseh-exec-$nonce
         echo "$script" | base64 -d >"$out.sh"
         # setsid: the script and everything it starts form a process group (its pid), so a

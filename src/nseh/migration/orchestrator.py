@@ -29,6 +29,9 @@ SC_MODES = ("none",)
 POLL_INTERVAL = 0.05
 PROGRESS_INTERVAL = 0.5
 TRANSFER_TIMEOUT = 600.0
+# QEMU has no connect timeout: a destination that never accepts leaves it in "setup" for
+# minutes (TCP SYN retries). Give up much sooner.
+SETUP_TIMEOUT = 10.0
 
 
 class MigrationFailed(RuntimeError):
@@ -90,6 +93,7 @@ class SourceMigration:
             ]})
             await qmp.execute("migrate", {"uri": self.uri})
             last_progress = 0.0
+            setup_deadline = time.monotonic() + SETUP_TIMEOUT
             async with asyncio.timeout(TRANSFER_TIMEOUT):
                 while True:
                     info = await qmp.execute("query-migrate")
@@ -104,6 +108,10 @@ class SourceMigration:
                             f"QEMU migration {info.get('status')}: "
                             f"{info.get('error-desc', 'no reason given')}")
                     now = time.monotonic()
+                    if info.get("status") == "setup" and now > setup_deadline:
+                        raise MigrationFailed(
+                            f"destination {self.uri} did not accept the migration stream "
+                            f"within {SETUP_TIMEOUT:.0f} s (management network unreachable?)")
                     if now - last_progress >= PROGRESS_INTERVAL:
                         self.emit({"phase": "transfer", "progress": qemu_progress(info)})
                         last_progress = now
