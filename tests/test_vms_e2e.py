@@ -3,6 +3,8 @@ driven through the real `nseh` CLI and agents; traffic from real client namespac
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from labtools import (
     nseh_json,
     start_client_echo_server,
 )
+
+from nseh import lab
 
 pytestmark = pytest.mark.lab
 
@@ -118,12 +122,26 @@ def test_plain_migration_moves_the_vm_there_and_back(web1):
     assert client_connect(1, VM6, 7) == "echo"
 
 
-def test_failed_migration_leaves_the_vm_on_the_source(web1, running_lab):
-    with management_link_down("h2"):
+@contextlib.contextmanager
+def agent_down(host: str) -> Iterator[None]:
+    lab.stop_agent(host)
+    try:
+        yield
+    finally:
+        lab.start_agent(host)
+
+
+@pytest.mark.parametrize(("fault", "reason"), [
+    (management_link_down, "transfer: QEMU migration failed"),
+    (agent_down, "unreachable"),
+])
+def test_failed_migration_leaves_the_vm_on_the_source(web1, fault, reason):
+    with fault("h2"):
         result = nseh("migrate", "web1", "--to", "h2", "--json", check=False)
     assert result.returncode == 1
     error = result.stderr.strip().splitlines()[-1]
     assert "migration of web1 failed" in error and "still runs on h1" in error
+    assert reason in error
     assert vm_host("web1") == ["h1"]
     assert "web1" not in nseh_json("host", "info", "h2")["vms"]
     assert not any("web1" in counter for counter in nseh_json("host", "counters", "h2"))
@@ -156,3 +174,30 @@ def test_malformed_definition_is_refused(running_lab, tmp_path: Path):
     result = nseh("vm", "start", "bad", "--host", "h1", "--definition", str(bad), check=False)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "network.ipv4" in result.stderr
+
+
+def test_a_restarted_agent_readopts_its_running_vm(web1):
+    before = {v["name"]: v for v in nseh_json("vm", "list")["vms"]}["web1"]
+    lab.stop_agent(before["host"])
+    # The VM does not depend on its agent.
+    assert client_connect(1, VM4, 7) == "echo"
+    lab.start_agent(before["host"])
+    after = {v["name"]: v for v in nseh_json("vm", "list")["vms"]}["web1"]
+    assert after["state"] == "running" and after["pid"] == before["pid"]
+    assert nseh_json("vm", "exec", "web1", "--", "echo", "still-here")["output"] == "still-here\n"
+
+
+def test_lab_down_leaves_nothing_behind(web1, strict_vm):
+    lab.down()
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                check=True).stdout
+    assert "nseh-" not in namespaces
+    qemus = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True,
+                           text=True).stdout
+    assert str(lab.LAB_DIR) not in qemus
+    agents = subprocess.run(["pgrep", "-af", "nseh.agent"], capture_output=True,
+                            text=True).stdout
+    assert str(lab.LAB_DIR) not in agents
+    assert not lab.LAB_DIR.exists()
+    assert "table inet nseh" not in subprocess.run(["nft", "list", "tables"],
+                                                   capture_output=True, text=True).stdout

@@ -110,6 +110,12 @@ serve_commands() {
     done
 }
 
+# Serve the command channel only once the services listen (TCP 7, TCP 80, UDP 7), so a
+# host that sees the guest answer can use its services at once.
+for _ in $(seq 100); do
+    [ "$(netstat -ltnu 2>/dev/null | grep -c -E ':(7|80) ')" -ge 3 ] && break
+    sleep 0.1
+done
 log "ready: name=$name ip4=$ip4 ip6=$ip6"
 while :; do
     serve_commands </dev/ttyS1 >/dev/ttyS1 2>&1
