@@ -425,6 +425,7 @@ def test_concurrent_callers_take_turns(vm: BootedVM) -> None:
         return [result.output for result in results]
 
     assert asyncio.run(run_all()) == [f"{n}\n" for n in range(6)]
+    assert asyncio.run(run_all()) == [f"{n}\n" for n in range(6)]  # again, in a new loop
 
 
 

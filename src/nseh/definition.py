@@ -97,7 +97,8 @@ class Network(_Strict):
 
 class VMDefinition(_Strict):
     name: str = Field(pattern=VM_NAME_PATTERN)
-    memory_mib: int = Field(default=128, ge=64, le=65536)
+    # The Debian guest kernel panics at boot with less than 96 MiB.
+    memory_mib: int = Field(default=128, ge=96, le=65536)
     vcpus: int = Field(default=1, ge=1, le=64)
     network: Network
     policy: Policy = Policy()

@@ -37,12 +37,21 @@ class ExecResult:
 class GuestConsole:
     def __init__(self, socket_path: Path) -> None:
         self.socket_path = socket_path
-        # The guest runs one request at a time; callers queue here, not on the wire.
         self._lock = asyncio.Lock()
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+
+    def _turn(self) -> asyncio.Lock:
+        """The lock callers queue on: the guest runs one request at a time."""
+        # An asyncio.Lock binds to the loop it first waits in; a console may be used from
+        # several loops one after the other (asyncio.run per call), so one lock per loop.
+        loop = asyncio.get_running_loop()
+        if self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait until the guest's command loop answers (QEMU may not have started yet)."""
-        async with self._lock:
+        async with self._turn():
             try:
                 await asyncio.wait_for(self._probe_until_ready(), timeout)
             except TimeoutError:
@@ -87,7 +96,7 @@ class GuestConsole:
         (`... &`) keep running; give them their own stdout/stderr, since the command's output
         is collected when the command itself exits.
         """
-        async with self._lock:
+        async with self._turn():
             try:
                 return await asyncio.wait_for(self._exec(command, timeout), timeout)
             except TimeoutError:

@@ -117,8 +117,11 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 log "ready: name=$name ip4=$ip4 ip6=$ip6"
+# In a subshell, not in PID 1: orphaned processes (background jobs of commands, timeout's
+# watchdog) are reparented to PID 1, and a SIGCHLD arriving while ash's `read` builtin is
+# mid-line makes it drop the bytes read so far, i.e. lose a request.
 while :; do
-    serve_commands </dev/ttyS1 >/dev/ttyS1 2>&1
+    (serve_commands) </dev/ttyS1 >/dev/ttyS1 2>&1
     log "command channel loop ended, restarting"
     sleep 1
 done

@@ -1,0 +1,1 @@
+"""Security-context (SC) transfer between host agents: wire format, PKI, TLS channel."""
