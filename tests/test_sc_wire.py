@@ -27,6 +27,7 @@ from nseh.sc.wire import (
     HelloAck,
     MessageType,
     Policy,
+    Resync,
     RoundAck,
     RoundEnd,
     WireError,
@@ -63,6 +64,7 @@ messages = st.one_of(
     st.just(Commit()),
     st.builds(Abort, texts),
     st.builds(Error, texts, texts),
+    st.builds(Resync, engines, u32),
 )
 
 
@@ -185,7 +187,7 @@ def test_a_failed_stream_stays_failed():
     (b"\x16\x03\x01\x02\x00", "bad magic"),  # a TLS ClientHello on a plain socket
     (frame(1, b"", version=2), "unsupported frame version 2"),
     (frame(0, b""), "unknown message type 0"),
-    (frame(13, b""), "unknown message type 13"),
+    (frame(14, b""), "unknown message type 14"),
     (frame(MessageType.COMMIT, b"", flags=1), "unknown flags 0x01"),
     (frame(MessageType.COMMIT, b"x"), "COMMIT payload has 1 trailing bytes"),
     (frame(MessageType.HELLO_ACK, b"\x02\x00\x00"), "accepted flag must be 0 or 1"),

@@ -14,6 +14,8 @@ from typing import Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nseh.sc.pki import HostCredentials
+
 
 class AgentConfigError(ValueError):
     """An agent configuration that cannot be used; the message is one line."""
@@ -32,6 +34,19 @@ class AgentConfig(BaseModel):
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     guest_cache: Path = Path("/var/cache/nseh/guest")
     migration_port_base: int = Field(default=49152, ge=1024, le=65000)
+    # The SC channel: TLS on management_address:sc_port, certificates from the cluster CA.
+    sc_port: int = Field(default=7470, ge=1, le=65535)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_revoked: Path | None = None  # serial numbers the cluster CA revoked, one per line
+
+    def credentials(self) -> HostCredentials | None:
+        """The host's SC-channel credentials, or None if TLS is not configured."""
+        if self.tls_cert is None or self.tls_key is None or self.tls_ca is None:
+            return None
+        return HostCredentials(host=self.host, cert_path=self.tls_cert, key_path=self.tls_key,
+                               ca_path=self.tls_ca, revoked_path=self.tls_revoked)
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
@@ -47,4 +62,4 @@ class AgentConfig(BaseModel):
                 f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
     def save(self, path: Path) -> None:
-        path.write_text(tomli_w.dumps(self.model_dump(mode="json")))
+        path.write_text(tomli_w.dumps(self.model_dump(mode="json", exclude_none=True)))

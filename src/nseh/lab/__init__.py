@@ -54,6 +54,7 @@ from nseh.lab.state import (
     load_state,
     save_state,
 )
+from nseh.sc.pki import CertAuthority, create_ca, issue_host_certificate
 
 __all__ = [
     "CLIENT_LINK",
@@ -169,7 +170,9 @@ def _build(hosts: int, clients: int, start_agents: bool) -> None:
     for j in range(1, clients + 1):
         topology.build_client(j)
 
-    lab_hosts = [_write_host_files(i) for i in range(1, hosts + 1)]
+    # The lab is its own cluster CA: every host gets a certificate for the SC channel.
+    ca = create_ca(LAB_DIR / "pki", name="nseh lab CA")
+    lab_hosts = [_write_host_files(i, ca) for i in range(1, hosts + 1)]
     Inventory(hosts={h.name: h.agent_endpoint for h in lab_hosts}).save(LAB_INVENTORY)
     save_state(LabState(
         fabric_namespace=FABRIC_NAMESPACE, router_ipv4=ROUTER4, router_ipv6=ROUTER6,
@@ -182,15 +185,19 @@ def _build(hosts: int, clients: int, start_agents: bool) -> None:
             start_agent(host.name)
 
 
-def _write_host_files(index: int) -> LabHost:
+def _write_host_files(index: int, ca: CertAuthority) -> LabHost:
     name = layout.host_name(index)
     layout.agent_state_dir(name).mkdir(parents=True)
+    creds = issue_host_certificate(ca, name, [host_mgmt_ipv4(index), host_mgmt_ipv6(index)],
+                                   layout.host_dir(name) / "tls")
     AgentConfig(
         host=name,
         state_dir=layout.agent_state_dir(name),
         api_socket=layout.agent_socket_path(name),
         management_address=host_mgmt_ipv4(index),
         vm_bridge=HOST_VM_BRIDGE,
+        tls_cert=creds.cert_path, tls_key=creds.key_path, tls_ca=creds.ca_path,
+        tls_revoked=creds.revoked_path,
     ).save(layout.agent_config_path(name))
     return LabHost(
         name=name, namespace=host_namespace(index),

@@ -26,6 +26,8 @@ Payloads (``str`` = u16 byte length + UTF-8; engine names are 1..64 bytes)::
     COMMIT      empty
     ABORT       str reason
     ERROR       str code, str reason
+    RESYNC      u32 round, str engine (drop the engine's state for the VM: a full snapshot
+                follows in this round, after lost change events)
 
 The entry count sits at a fixed offset so a receiver can refuse an oversized batch as soon
 as the first 8 payload bytes arrive, before buffering the rest.
@@ -82,6 +84,7 @@ class MessageType(IntEnum):
     COMMIT = 10
     ABORT = 11
     ERROR = 12
+    RESYNC = 13
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,8 +176,16 @@ class Error:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """The engine's state on the destination is to be replaced by the snapshot that follows
+    in `round` (the source lost change events)."""
+    engine: str
+    round: int
+
+
 Message = (Hello | HelloAck | Policy | Entries | Deletes | RoundEnd | RoundAck | Final
-           | FinalAck | Commit | Abort | Error)
+           | FinalAck | Commit | Abort | Error | Resync)
 
 
 def new_session() -> bytes:
@@ -244,6 +255,8 @@ def _payload(message: Message) -> tuple[MessageType, list[bytes]]:
             return MessageType.ABORT, [_str(reason, "reason")]
         case Error(code, reason):
             return MessageType.ERROR, [_str(code, "error code"), _str(reason, "reason")]
+        case Resync(engine, round_):
+            return MessageType.RESYNC, [_U32.pack(round_), _engine(engine)]
     raise WireError(f"not an SC message: {type(message).__name__}")
 
 
@@ -438,6 +451,9 @@ def _decode_payload(kind: MessageType, payload: bytes) -> Message:
             message = Abort(reader.text("reason"))
         case MessageType.ERROR:
             message = Error(reader.text("error code"), reader.text("reason"))
+        case MessageType.RESYNC:
+            (round_,) = reader.unpack(_U32, "round")
+            message = Resync(reader.engine(), round_)
     reader.done()
     return message
 
