@@ -262,7 +262,10 @@ def host_counters(host: str, inventory: InventoryOption = None,
 def migrate(
     vm: Annotated[str, typer.Argument(help="VM to migrate.")],
     to: Annotated[str, typer.Option("--to", help="Destination host.")],
-    sc: Annotated[str, typer.Option("--sc", help="Security-context mode: none.")] = "none",
+    sc: Annotated[str, typer.Option(
+        "--sc", help="How the VM's security context moves: precopy (bulk copy and change "
+                     "rounds during RAM pre-copy, final delta at switchover), stopcopy (all "
+                     "of it at switchover), none (not at all: stock migration).")] = "precopy",
     inventory: InventoryOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -306,9 +309,21 @@ def show_report(report: dict[str, Any]) -> None:
         ("dirty-sync count", str(qemu["dirty_sync_count"])),
         ("wall time (nseh)", f"{report['elapsed_ms']} ms"),
     ]
+    if sc := report.get("sc"):
+        rows += [
+            ("SC entries moved", f"{sc['entries']} (+{sc['deletes']} deletes)"),
+            ("SC bytes", f"{sc['bytes'] / 1024:.1f} KiB"),
+            ("SC change rounds", str(sc["rounds"])),
+            ("SC final delta", f"{sc['final_delta']} records"),
+            ("SC time in stop window", f"{sc['stop_window_ms']:.1f} ms"),
+            ("SC rejected by destination", str(sc["rejected"])),
+            ("SC entries on destination", str(sc["destination_entries"])),
+        ]
     for name, value in rows:
         table.add_row(name, str(value))
     out.print(table)
+    for reason in (sc or {}).get("reasons", []):
+        err.print(f"[yellow]rejected:[/] {reason}", highlight=False)
 
 
 # -- demo and agent ---------------------------------------------------------------------

@@ -74,6 +74,12 @@ class ApplyResult:
         if len(self.reasons) < MAX_REASONS:
             self.reasons.append(reason)
 
+    def merge(self, other: ApplyResult) -> None:
+        self.applied += other.applied
+        self.deleted += other.deleted
+        self.rejected += other.rejected
+        self.reasons.extend(other.reasons[: MAX_REASONS - len(self.reasons)])
+
 
 class ChangeTracker(Protocol):
     def fileno(self) -> int: ...

@@ -13,6 +13,8 @@ import socket
 from typing import Any
 
 from nseh.agent.config import AgentConfig
+from nseh.agent.conntrack import enable_event_generation
+from nseh.agent.engines import FirewallEngine, SecurityEngine, VMScope
 from nseh.agent.firewall import Firewall
 from nseh.agent.network import create_tap, delete_tap, tap_name
 from nseh.agent.qemu import detect_accel
@@ -23,6 +25,8 @@ from nseh.definition import DefinitionError, VMDefinition
 from nseh.guest.console import GuestConsoleError
 from nseh.guest.image import GuestImage, ensure_image
 from nseh.migration.orchestrator import SC_MODES, SourceMigration
+from nseh.migration.sc_transfer import receive_sc
+from nseh.sc import channel as sc_channel
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,9 @@ class HostAgent:
         self.vms_dir = config.state_dir / "vms"
         self.accel = detect_accel(config.accel)
         self.firewall = Firewall()
+        # Every security engine whose state migrates with a VM. New engines register here.
+        self.engines: list[SecurityEngine] = [FirewallEngine(self.firewall)]
+        self.credentials = config.credentials()
         self.vms: dict[str, VM] = {}
         self._image: GuestImage | None = None
         self._image_lock = asyncio.Lock()
@@ -48,10 +55,20 @@ class HostAgent:
     async def run(self) -> None:
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         self.firewall.ensure_base()
+        # SC pre-copy tracks changes through conntrack events, which must exist for every
+        # entry from its creation on.
+        enable_event_generation()
         self._readopt()
+        sc_server = None
+        if self.credentials is not None:
+            sc_server = await sc_channel.serve(
+                str(self.config.management_address), self.config.sc_port, self.credentials,
+                lambda channel: receive_sc(channel, self.engines, self._incoming_scope))
         server = await ApiServer(self.handlers()).serve_unix(self.config.api_socket)
-        log.info("agent for host %s serving on %s (accel %s, %d VMs)", self.host,
-                 self.config.api_socket, self.accel, len(self.vms))
+        log.info("agent for host %s serving on %s (accel %s, %d VMs); SC channel %s", self.host,
+                 self.config.api_socket, self.accel, len(self.vms),
+                 f"on {self.config.management_address}:{self.config.sc_port}"
+                 if sc_server else "off (no TLS credentials)")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -60,6 +77,9 @@ class HostAgent:
         # VMs keep running without their agent; a restarted agent re-adopts them.
         log.info("agent for host %s stopping; %d VMs keep running", self.host, len(self.vms))
         server.close()
+        if sc_server is not None:
+            sc_server.close()
+            await sc_server.wait_closed()
         self.config.api_socket.unlink(missing_ok=True)
 
     def _readopt(self) -> None:
@@ -141,19 +161,25 @@ class HostAgent:
         raise ApiError("host", f"no free migration port on {address}")
 
     async def _create(self, definition: VMDefinition, state: VMState, emit: Emit,
-                      incoming: str | None = None) -> VM:
-        """Policy first, then the tap, then QEMU; on any failure, undo all of it."""
+                      incoming: str | None = None, incoming_from: str | None = None,
+                      policies: dict[str, Any] | None = None) -> VM:
+        """Policy first, then the tap, then QEMU; on any failure, undo all of it.
+        `policies` (engine name -> document) come from the source host when migrating."""
         image = await self.guest_image(emit)
         async with self._vms_lock:
             self._check_free(definition)
             vm = VM(definition=definition, mark=self._free_mark(), state=state,
-                    record_dir=self.vms_dir / definition.name, accel=self.accel)
+                    record_dir=self.vms_dir / definition.name, accel=self.accel,
+                    incoming_from=incoming_from)
             vm.record_dir.mkdir(parents=True)
             vm.save()
             self.vms[vm.name] = vm
         try:
-            emit({"step": "firewall", "message": f"installing the policy of {vm.name}"})
-            self.firewall.install_vm(definition, vm.mark)
+            emit({"step": "policy", "message": f"installing the policy of {vm.name}"})
+            scope = VMScope(definition, vm.mark)
+            for engine in self.engines:
+                document = (policies or {}).get(engine.name, engine.export_policy(scope))
+                engine.import_policy(scope, document)
             # pyroute2's sync API runs its own event loop: keep it off ours.
             tap = await asyncio.to_thread(create_tap, vm.name, self.config.vm_bridge)
             emit({"step": "qemu", "message": f"starting QEMU ({self.accel})"})
@@ -168,7 +194,8 @@ class HostAgent:
         await vm.kill()
         await asyncio.to_thread(delete_tap, vm.name)
         self.firewall.remove_vm(vm.name)
-        await asyncio.to_thread(self.firewall.flush_conntrack, vm.mark)
+        for engine in self.engines:
+            await asyncio.to_thread(engine.purge, VMScope(vm.definition, vm.mark))
         vm.forget()
         self.vms.pop(vm.name, None)
         log.info("VM %s removed from host %s", vm.name, self.host)
@@ -238,6 +265,7 @@ class HostAgent:
         vm.save()
         migration = SourceMigration(vm=vm, source=self.host, destination=destination,
                                     destination_agent=AgentClient(endpoint), sc_mode=sc_mode,
+                                    engines=self.engines, credentials=self.credentials,
                                     emit=emit)
         report = await migration.run()
         if migration.run_state.phase == "done":
@@ -256,12 +284,28 @@ class HostAgent:
         address = ipaddress.ip_address(self.config.management_address)
         host = f"[{address}]" if address.version == 6 else str(address)
         uri = f"tcp:{host}:{port}"
+        source, policies = params.get("source"), params.get("policies")
+        if not isinstance(source, str) or not isinstance(policies, dict):
+            raise ApiError("bad-request", "migration.prepare needs source and policies")
         try:
-            await self._create(definition, VMState.INCOMING, emit, incoming=uri)
-        except (VMError, RuntimeError) as exc:
+            await self._create(definition, VMState.INCOMING, emit, incoming=uri,
+                               incoming_from=source, policies=policies)
+        except (VMError, RuntimeError, ValueError) as exc:
             raise ApiError("prepare-failed", str(exc)) from None
-        log.info("prepared incoming migration of %s on %s", definition.name, uri)
-        return {"uri": uri, "tap": tap_name(definition.name)}
+        log.info("prepared incoming migration of %s from %s on %s", definition.name, source,
+                 uri)
+        return {"uri": uri, "tap": tap_name(definition.name),
+                "sc": {"host": self.host, "address": str(address),
+                       "port": self.config.sc_port} if self.credentials else None}
+
+    def _incoming_scope(self, vm_name: str, peer: str) -> VMScope | str:
+        """The scope of VM `vm_name` if this host expects its SC from `peer`, else why not."""
+        vm = self.vms.get(vm_name)
+        if vm is None or vm.state != VMState.INCOMING:
+            return f"no incoming migration of {vm_name!r} on {self.host}"
+        if vm.incoming_from != peer:
+            return f"{vm_name} migrates from {vm.incoming_from}, not from {peer}"
+        return VMScope(vm.definition, vm.mark)
 
     async def migration_commit(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         vm = self._vm(params)
@@ -276,9 +320,12 @@ class HostAgent:
             raise ApiError("commit-failed", f"VM {vm.name} is {status} on {self.host}, "
                                             f"not running, after {COMMIT_TIMEOUT:.0f} s")
         vm.state = VMState.RUNNING
+        vm.incoming_from = None
         vm.save()
         log.info("VM %s now runs on host %s", vm.name, self.host)
-        return vm.describe(self.host)
+        scope = VMScope(vm.definition, vm.mark)
+        entries = sum([await asyncio.to_thread(e.count, scope) for e in self.engines])
+        return vm.describe(self.host) | {"sc_entries": entries}
 
     async def migration_abort(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         vm = self.vms.get(str(params.get("name")))

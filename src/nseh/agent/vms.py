@@ -47,6 +47,7 @@ class VM:
     state: VMState
     record_dir: Path
     accel: str
+    incoming_from: str | None = None  # the source host while a migration comes in
     console: GuestConsole = field(init=False)
 
     def __post_init__(self) -> None:
@@ -64,7 +65,8 @@ class VM:
 
     def save(self) -> None:
         record = {"definition": self.definition.to_json(), "mark": self.mark,
-                  "state": self.state.value, "accel": self.accel}
+                  "state": self.state.value, "accel": self.accel,
+                  "incoming_from": self.incoming_from}
         tmp = self.record_dir / "vm.json.tmp"
         tmp.write_text(json.dumps(record, indent=1))
         tmp.replace(self.record_dir / "vm.json")
@@ -74,7 +76,7 @@ class VM:
         record = json.loads((record_dir / "vm.json").read_text())
         return cls(definition=VMDefinition.from_json(record["definition"]), mark=record["mark"],
                    state=VMState(record["state"]), record_dir=record_dir,
-                   accel=record["accel"])
+                   accel=record["accel"], incoming_from=record.get("incoming_from"))
 
     def forget(self) -> None:
         shutil.rmtree(self.record_dir, ignore_errors=True)

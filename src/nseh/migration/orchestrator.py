@@ -1,7 +1,15 @@
 """Drives one live migration from the source host's agent.
 
 The protocol's rules live in `phases.MigrationRun`; this module does the I/O of each phase:
-calls to the destination agent and QMP commands to the source QEMU.
+calls to the destination agent, QMP commands to the source QEMU, and the SC transfer.
+
+SC modes:
+- `none`: QEMU alone (the VM's connections die behind a strict destination firewall);
+- `stopcopy`: the whole SC is moved inside QEMU's stop window (the naive baseline);
+- `precopy`: bulk copy and rounds of changes while QEMU pre-copies RAM; only the final
+  delta is moved inside the stop window.
+With an SC mode, QEMU pauses in `pre-switchover` (capability `pause-before-switchover`)
+after stopping the VM; the final SC is applied on the destination, then `migrate-continue`.
 """
 
 from __future__ import annotations
@@ -10,28 +18,37 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
+from qemu.qmp import QMPClient
+
+from nseh.agent.engines import SecurityEngine, VMScope
 from nseh.agent.vms import VM, VMError
 from nseh.api.client import AgentClient, AgentError
 from nseh.api.server import Emit
 from nseh.migration.phases import (
     MigrationRun,
+    Phase,
     QemuOutcome,
     migration_report,
     qemu_outcome,
     qemu_progress,
 )
+from nseh.migration.sc_transfer import SC_MODES, ScError, ScSender
+from nseh.sc import channel as sc_channel
+from nseh.sc.pki import HostCredentials
 
 log = logging.getLogger(__name__)
 
-SC_MODES = ("none",)
-POLL_INTERVAL = 0.05
-PROGRESS_INTERVAL = 0.5
+__all__ = ["SC_MODES", "SourceMigration"]
+
+TICK = 0.2  # between progress reports and pre-copy SC rounds
 TRANSFER_TIMEOUT = 600.0
 # QEMU has no connect timeout: a destination that never accepts leaves it in "setup" for
 # minutes (TCP SYN retries). Give up much sooner.
 SETUP_TIMEOUT = 10.0
+SC_CONNECT_TIMEOUT = 10.0
 
 
 class MigrationFailed(RuntimeError):
@@ -40,90 +57,151 @@ class MigrationFailed(RuntimeError):
 
 class SourceMigration:
     def __init__(self, *, vm: VM, source: str, destination: str, destination_agent: AgentClient,
-                 sc_mode: str, emit: Emit) -> None:
+                 sc_mode: str, engines: Sequence[SecurityEngine],
+                 credentials: HostCredentials | None, emit: Emit) -> None:
         self.vm = vm
         self.destination_agent = destination_agent
+        self.engines = engines
+        self.credentials = credentials
         self.emit = emit
         self.run_state = MigrationRun(vm=vm.name, source=source, destination=destination,
                                       sc_mode=sc_mode)
+        self.scope = VMScope(vm.definition, vm.mark)
+        self.sc: ScSender | None = None
         self.final_info: dict[str, Any] = {}
+        self.destination_sc_entries: int | None = None
 
     def _phase(self, message: str) -> None:
         log.info("migrating %s: %s: %s", self.vm.name, self.run_state.phase, message)
         self.emit({"phase": str(self.run_state.phase), "message": message})
 
     async def run(self) -> dict[str, Any]:
-        """Run the migration to its end; never raises for a failed migration (see report)."""
+        """Run the migration to its end; a failed migration is reported, not raised."""
         started = time.monotonic()
         try:
-            await self._prepare()
+            reply = await self._prepare()
+            if self.run_state.sc_mode != "none":
+                await self._open_sc(reply["sc"])
             self.run_state.advance()
-            await self._transfer()
-            self.run_state.advance()
-            # SWITCHOVER: with sc none, QEMU switches over by itself inside `migrate`.
+            await self._transfer()  # includes an SC switchover, driven by QEMU's events
+            if self.run_state.phase == Phase.TRANSFER:  # QEMU switched over by itself
+                self.run_state.advance()
             self.run_state.advance()
             await self._commit()
             self.run_state.advance()
-            self._phase("source releases the VM")
+            self._phase("source releases the VM and purges its SC")
             self.run_state.advance()
-        except (MigrationFailed, AgentError, VMError) as exc:
+        except (MigrationFailed, AgentError, VMError, ScError, sc_channel.ChannelError) as exc:
             if self.run_state.fail(str(exc)):
                 await self._rollback()
                 self.run_state.advance()
             log.error("migration of %s failed: %s", self.vm.name, self.run_state.failure)
+        finally:
+            if self.sc is not None:
+                self.sc.close()
         report = migration_report(self.run_state, self.final_info)
         report["elapsed_ms"] = round((time.monotonic() - started) * 1000)
+        if self.sc is not None:
+            report["sc"] = self.sc.stats.to_json()
+            report["sc"]["destination_entries"] = self.destination_sc_entries
         return report
 
-    async def _prepare(self) -> None:
+    async def _prepare(self) -> dict[str, Any]:
         self._phase(f"destination {self.run_state.destination} installs the policy "
                     "and starts QEMU -incoming")
-        reply = await self.destination_agent.call(
+        policies = {e.name: e.export_policy(self.scope) for e in self.engines}
+        reply: dict[str, Any] = await self.destination_agent.call(
             "migration.prepare",
-            {"definition": self.vm.definition.to_json(), "source": self.run_state.source},
+            {"definition": self.vm.definition.to_json(), "source": self.run_state.source,
+             "policies": policies},
             on_event=self.emit, timeout=300)
         self.uri = str(reply["uri"])
+        return reply
+
+    async def _open_sc(self, endpoint: dict[str, Any]) -> None:
+        if self.credentials is None:
+            raise MigrationFailed("this host has no TLS credentials for the SC channel "
+                                  "(tls_cert, tls_key, tls_ca in its agent configuration)")
+        self._phase(f"SC channel to {endpoint['host']} at "
+                    f"{endpoint['address']}:{endpoint['port']} (mutual TLS)")
+        channel = await sc_channel.connect(endpoint["address"], int(endpoint["port"]),
+                                           self.credentials, expected_peer=endpoint["host"],
+                                           timeout=SC_CONNECT_TIMEOUT)
+        self.sc = ScSender(channel, self.engines, self.scope, self.run_state.sc_mode)
+        await self.sc.hello(self.run_state.source)
+        if self.run_state.sc_mode == "precopy":
+            self.sc.start_tracking()
+            await self.sc.send_bulk()
+            self._phase(f"SC bulk copy: {self.sc.stats.entries} entries, "
+                        f"{self.sc.stats.bytes} bytes")
 
     async def _transfer(self) -> None:
         self._phase(f"QEMU pre-copy to {self.uri}")
+        pause = self.sc is not None
         async with self.vm.qmp() as qmp:
             await qmp.execute("migrate-set-capabilities", {"capabilities": [
                 {"capability": "events", "state": True},
-                {"capability": "pause-before-switchover", "state": False},
+                {"capability": "pause-before-switchover", "state": pause},
             ]})
-            await qmp.execute("migrate", {"uri": self.uri})
-            last_progress = 0.0
-            setup_deadline = time.monotonic() + SETUP_TIMEOUT
-            async with asyncio.timeout(TRANSFER_TIMEOUT):
-                while True:
-                    info = await qmp.execute("query-migrate")
-                    assert isinstance(info, dict)
-                    outcome = qemu_outcome(info)
-                    if outcome == QemuOutcome.COMPLETED:
-                        self.final_info = info
-                        return
-                    if outcome == QemuOutcome.FAILED:
-                        self.final_info = info
-                        raise MigrationFailed(
-                            f"QEMU migration {info.get('status')}: "
-                            f"{info.get('error-desc', 'no reason given')}")
-                    now = time.monotonic()
-                    if info.get("status") == "setup" and now > setup_deadline:
-                        raise MigrationFailed(
-                            f"destination {self.uri} did not accept the migration stream "
-                            f"within {SETUP_TIMEOUT:.0f} s (management network unreachable?)")
-                    if now - last_progress >= PROGRESS_INTERVAL:
-                        self.emit({"phase": "transfer", "progress": qemu_progress(info)})
-                        last_progress = now
-                    await asyncio.sleep(POLL_INTERVAL)
+            with qmp.listener(("MIGRATION",)) as events:
+                await qmp.execute("migrate", {"uri": self.uri})
+                setup_deadline = time.monotonic() + SETUP_TIMEOUT
+                async with asyncio.timeout(TRANSFER_TIMEOUT):
+                    while True:
+                        try:
+                            event = await asyncio.wait_for(events.get(), TICK)
+                            status = {"status": event["data"]["status"]}
+                        except TimeoutError:
+                            status = await self._tick(qmp, setup_deadline)
+                        outcome = qemu_outcome(status)
+                        if outcome == QemuOutcome.PRE_SWITCHOVER:
+                            await self._switchover(qmp)
+                        elif outcome in (QemuOutcome.COMPLETED, QemuOutcome.FAILED):
+                            info = await qmp.execute("query-migrate")
+                            assert isinstance(info, dict)
+                            self.final_info = info
+                            if outcome == QemuOutcome.FAILED:
+                                raise MigrationFailed(
+                                    f"QEMU migration {info.get('status')}: "
+                                    f"{info.get('error-desc', 'no reason given')}")
+                            return
+
+    async def _tick(self, qmp: QMPClient, setup_deadline: float) -> dict[str, Any]:
+        """Between QEMU events: progress, the setup deadline, a pre-copy SC round."""
+        info = await qmp.execute("query-migrate")
+        assert isinstance(info, dict)
+        if info.get("status") == "setup" and time.monotonic() > setup_deadline:
+            raise MigrationFailed(
+                f"destination {self.uri} did not accept the migration stream within "
+                f"{SETUP_TIMEOUT:.0f} s (management network unreachable?)")
+        self.emit({"phase": "transfer", "progress": qemu_progress(info)})
+        if self.sc is not None and self.run_state.sc_mode == "precopy" \
+                and info.get("status") == "active":
+            await self.sc.send_changes()
+        return info
+
+    async def _switchover(self, qmp: QMPClient) -> None:
+        assert self.sc is not None
+        self.run_state.advance()  # TRANSFER -> SWITCHOVER
+        await self.sc.send_final()
+        await qmp.execute("migrate-continue", {"state": "pre-switchover"})
+        self._phase(f"final SC ({self.sc.stats.final_delta} records) applied in "
+                    f"{self.sc.stats.stop_window_ms:.1f} ms; QEMU switches over")
 
     async def _commit(self) -> None:
         self._phase(f"waiting for {self.vm.name} to run on {self.run_state.destination}")
-        await self.destination_agent.call("migration.commit", {"name": self.vm.name}, timeout=60)
+        reply = await self.destination_agent.call("migration.commit", {"name": self.vm.name},
+                                                  timeout=60)
+        self.destination_sc_entries = reply.get("sc_entries")
+        if self.sc is not None:
+            with contextlib.suppress(sc_channel.ChannelError):
+                await self.sc.commit()
 
     async def _rollback(self) -> None:
         """Purge the destination, keep (or resume) the VM on the source."""
         self._phase(f"rolling back: {self.run_state.failure}")
+        if self.sc is not None:
+            await self.sc.abort(self.run_state.failure or "migration failed")
         with contextlib.suppress(VMError):
             info = await self.vm.execute("query-migrate")
             if info.get("status") not in ("completed", "failed", "cancelled", None):
@@ -134,7 +212,8 @@ class SourceMigration:
         except AgentError as exc:
             log.error("could not purge %s from %s: %s", self.vm.name,
                       self.run_state.destination, exc)
-        # QEMU leaves a migrated-away VM paused (postmigrate); it must run here again.
+        # QEMU leaves a migrated-away or cancelled VM paused; it must run here again.
+        status = "unknown"
         for _ in range(100):
             status = await self.vm.run_status()
             if status == "running":
@@ -143,5 +222,4 @@ class SourceMigration:
                 with contextlib.suppress(VMError):
                     await self.vm.execute("cont")
             await asyncio.sleep(0.05)
-        raise VMError(f"{self.vm.name} does not resume on the source (status {status})")
-
+        log.error("%s does not resume on the source (QEMU status %s)", self.vm.name, status)

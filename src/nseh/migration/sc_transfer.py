@@ -1,0 +1,255 @@
+"""Moving a VM's security context (SC) over the SC channel.
+
+`ScSender` runs on the source: a bulk copy, rounds of changes, and the final delta inside
+QEMU's stop window. `receive_sc` runs on the destination: it checks that every record
+belongs to the migrating VM, installs it, and acknowledges each round with what it did.
+Both are thin asyncio layers over the engines (`nseh.agent.engines`) and the framed
+channel (`nseh.sc.channel`, `nseh.sc.wire`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from nseh.agent.engines import ApplyResult, ChangeTracker, Delta, SecurityEngine, VMScope
+from nseh.sc.channel import Channel, ChannelError
+from nseh.sc.wire import (
+    PROTOCOL_VERSION,
+    Abort,
+    Commit,
+    Deletes,
+    Entries,
+    Error,
+    Final,
+    FinalAck,
+    Hello,
+    HelloAck,
+    Message,
+    Resync,
+    RoundAck,
+    RoundEnd,
+    batch_entries,
+)
+
+log = logging.getLogger(__name__)
+
+SC_MODES = ("none", "stopcopy", "precopy")
+ACK_TIMEOUT = 120.0
+RECEIVE_TIMEOUT = 600.0
+
+
+class ScError(RuntimeError):
+    """The SC transfer failed or the peer refused it; one-line message."""
+
+
+@dataclass
+class ScStats:
+    """What the SC transfer of one migration cost; part of the migration report."""
+
+    entries: int = 0  # records sent, all rounds
+    deletes: int = 0
+    bytes: int = 0
+    rounds: int = 0  # change rounds after the bulk copy (precopy)
+    resyncs: int = 0
+    final_delta: int = 0  # records sent inside the stop window
+    stop_window_ms: float = 0.0  # SC time inside QEMU's stop window
+    rejected: int = 0
+    reasons: list[str] = field(default_factory=list)
+    destination_entries: int | None = None  # the VM's entries on the destination at the end
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stop_window_ms"] = round(self.stop_window_ms, 2)
+        return data
+
+
+class ScSender:
+    """The source side, for one migration."""
+
+    def __init__(self, channel: Channel, engines: Sequence[SecurityEngine], scope: VMScope,
+                 mode: str) -> None:
+        self.channel = channel
+        self.engines = list(engines)
+        self.scope = scope
+        self.mode = mode
+        self.stats = ScStats()
+        self.trackers: dict[str, ChangeTracker] = {}
+        self.round = 0
+
+    async def hello(self, source_host: str) -> None:
+        await self.channel.send(Hello(PROTOCOL_VERSION, source_host, self.scope.name, self.mode))
+        reply = await self._receive()
+        if not isinstance(reply, HelloAck):
+            raise ScError(f"destination answered HELLO with {type(reply).__name__}")
+        if not reply.accepted:
+            raise ScError(f"destination refused the SC: {reply.reason}")
+
+    def start_tracking(self) -> None:
+        """Start collecting changes; must happen before the bulk snapshot, so none is lost."""
+        for engine in self.engines:
+            self.trackers[engine.name] = engine.track(self.scope)
+
+    async def send_bulk(self) -> None:
+        """Round 0: every engine's whole state."""
+        snapshots = {e.name: await asyncio.to_thread(e.snapshot, self.scope)
+                     for e in self.engines}
+        await self._send_round({n: Delta(upserts=s) for n, s in snapshots.items()}, final=False)
+
+    async def send_changes(self) -> int:
+        """One pre-copy round of what changed since the last one; returns its size."""
+        deltas = await asyncio.to_thread(self._collect)
+        size = sum(len(d) for d in deltas.values())
+        if size:
+            self.stats.rounds += 1
+            await self._send_round(deltas, final=False)
+        return size
+
+    async def send_final(self) -> None:
+        """Inside the stop window: the final delta (precopy) or everything (stopcopy)."""
+        started = time.perf_counter()
+        if self.mode == "stopcopy":
+            deltas = {e.name: Delta(upserts=await asyncio.to_thread(e.snapshot, self.scope))
+                      for e in self.engines}
+        else:
+            deltas = await asyncio.to_thread(self._collect)
+        self.stats.final_delta = sum(len(d) for d in deltas.values())
+        await self._send_round(deltas, final=True)
+        self.stats.stop_window_ms = (time.perf_counter() - started) * 1000
+
+    async def commit(self) -> None:
+        await self.channel.send(Commit())
+
+    async def abort(self, reason: str) -> None:
+        try:
+            await self.channel.send(Abort(reason), timeout=5)
+        except ChannelError as exc:
+            log.info("could not tell the destination to abort: %s", exc)
+
+    def close(self) -> None:
+        for tracker in self.trackers.values():
+            tracker.close()
+        self.trackers.clear()
+        self.channel.close()
+
+    def _collect(self) -> dict[str, Delta]:
+        return {name: tracker.collect() for name, tracker in self.trackers.items()}
+
+    async def _send_round(self, deltas: dict[str, Delta], *, final: bool) -> None:
+        self.round += 1
+        messages: list[Message] = []
+        entries = deletes = 0
+        for engine, delta in deltas.items():
+            if delta.resync:
+                self.stats.resyncs += 1
+                messages.append(Resync(engine, self.round))
+            for batch in batch_entries(delta.deletes):
+                messages.append(Deletes(engine, self.round, batch))
+            for batch in batch_entries(delta.upserts):
+                messages.append(Entries(engine, self.round, batch))
+            entries += len(delta.upserts)
+            deletes += len(delta.deletes)
+            self.stats.bytes += sum(map(len, delta.upserts)) + sum(map(len, delta.deletes))
+        messages.append(Final(self.round, entries, deletes) if final
+                        else RoundEnd(self.round, entries, deletes))
+        await self.channel.send_many(messages)
+        self.stats.entries += entries
+        self.stats.deletes += deletes
+        ack = await self._receive()
+        expected = FinalAck if final else RoundAck
+        if not isinstance(ack, expected) or ack.round != self.round:
+            raise ScError(f"expected {expected.__name__} for round {self.round}, "
+                          f"got {type(ack).__name__}")
+        self.stats.rejected += ack.rejected
+        self.stats.reasons.extend(ack.reasons[: 5 - len(self.stats.reasons)])
+
+    async def _receive(self) -> Message:
+        try:
+            message = await self.channel.receive(ACK_TIMEOUT)
+        except ChannelError as exc:
+            raise ScError(f"SC channel: {exc}") from None
+        if isinstance(message, Error):
+            raise ScError(f"destination reported {message.code}: {message.reason}")
+        return message
+
+
+# -- destination ---------------------------------------------------------------------------
+
+# Given the VM name and the peer (the source host's certificate name), the scope of an
+# incoming VM this host expects from that peer, or the reason it refuses.
+ScopeLookup = Callable[[str, str], "VMScope | str"]
+
+
+async def receive_sc(channel: Channel, engines: Sequence[SecurityEngine],
+                     lookup: ScopeLookup) -> None:
+    """Serve one incoming SC transfer until COMMIT, ABORT or the channel closes.
+
+    Nothing is installed for a VM this host does not expect from that peer, and a record that
+    is not the VM's own is rejected and reported, never installed. On ABORT the VM's state
+    received so far is purged (the source stays authoritative).
+    """
+    by_name = {engine.name: engine for engine in engines}
+    hello = await channel.receive(RECEIVE_TIMEOUT)
+    if not isinstance(hello, Hello):
+        await channel.send(Error("protocol", f"expected HELLO, got {type(hello).__name__}"))
+        return
+    scope = lookup(hello.vm, channel.peer)
+    if isinstance(scope, str):
+        log.warning("refused SC for %s from %s: %s", hello.vm, channel.peer, scope)
+        await channel.send(HelloAck(False, scope))
+        return
+    if hello.protocol_version != PROTOCOL_VERSION:
+        await channel.send(HelloAck(False, f"protocol version {hello.protocol_version} "
+                                           f"unsupported (this host speaks {PROTOCOL_VERSION})"))
+        return
+    await channel.send(HelloAck(True))
+    log.info("receiving SC of %s from %s (%s)", scope.name, channel.peer, hello.mode)
+    result = ApplyResult()
+    try:
+        while True:
+            message = await channel.receive(RECEIVE_TIMEOUT)
+            match message:
+                case Resync(engine=name):
+                    await asyncio.to_thread(_engine(by_name, name).apply, scope, [], [], True)
+                case Deletes(engine=name, keys=keys):
+                    result.merge(await asyncio.to_thread(
+                        _engine(by_name, name).apply, scope, [], keys))
+                case Entries(engine=name, entries=entries):
+                    result.merge(await asyncio.to_thread(
+                        _engine(by_name, name).apply, scope, entries, []))
+                case RoundEnd(round=round_) | Final(round=round_):
+                    ack_type = FinalAck if isinstance(message, Final) else RoundAck
+                    await channel.send(ack_type(round_, result.applied, result.deleted,
+                                                result.rejected, result.reasons))
+                    if result.rejected:
+                        log.warning("SC of %s from %s: rejected %d records: %s", scope.name,
+                                    channel.peer, result.rejected, "; ".join(result.reasons))
+                    result = ApplyResult()
+                case Commit():
+                    log.info("SC of %s committed", scope.name)
+                    return
+                case Abort(reason=reason):
+                    # The VM stays on the source: what arrived here must not linger.
+                    log.info("source aborted the SC of %s: %s", scope.name, reason)
+                    for engine in engines:
+                        await asyncio.to_thread(engine.purge, scope)
+                    return
+                case _:
+                    raise ScError(f"unexpected {type(message).__name__} during SC transfer")
+    except ScError as exc:
+        log.error("SC transfer of %s from %s failed: %s", scope.name, channel.peer, exc)
+        await channel.send(Error("protocol", str(exc)))
+    except ChannelError as exc:
+        # Whether the VM stays here is the orchestrator's call (commit or abort), not ours.
+        log.error("SC channel of %s from %s broke: %s", scope.name, channel.peer, exc)
+
+
+def _engine(engines: dict[str, SecurityEngine], name: str) -> SecurityEngine:
+    try:
+        return engines[name]
+    except KeyError:
+        raise ScError(f"unknown security engine {name!r}") from None
