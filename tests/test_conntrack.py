@@ -625,7 +625,10 @@ def bulk_echo(sock: socket.socket, total: int = 4 << 20, chunk: int = 256 << 10)
     sock.settimeout(5)
     for index in range(total // chunk):
         payload = bytes([index % 256]) * chunk
-        sock.sendall(payload)
+        try:
+            sock.sendall(payload)
+        except TimeoutError:
+            return False
         if receive(sock, chunk) != payload:
             return False
     return True

@@ -266,10 +266,13 @@ def migrate(
         "--sc", help="How the VM's security context moves: precopy (bulk copy and change "
                      "rounds during RAM pre-copy, final delta at switchover), stopcopy (all "
                      "of it at switchover), none (not at all: stock migration).")] = "precopy",
+    abort_at: Annotated[str | None, typer.Option(
+        "--abort-at", help="Rollback drill: fail on purpose in this phase (prepare, transfer, "
+                           "switchover); the VM must stay on the source.")] = None,
     inventory: InventoryOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Live-migrate a VM to another host and report QEMU's figures."""
+    """Live-migrate a VM to another host, with its security context; report the cost."""
     c = cluster(inventory)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TimeElapsedColumn(), console=err, transient=True) as progress:
@@ -284,7 +287,7 @@ def migrate(
                 progress.console.print(f"  [dim]{event.get('phase', '')}[/] {event['message']}",
                                        highlight=False)
 
-        report = run(c.migrate(vm, to, sc, on_event=on_event))
+        report = run(c.migrate(vm, to, sc, on_event=on_event, abort_at=abort_at))
     if as_json:
         print_json(report)
     else:

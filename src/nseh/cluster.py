@@ -46,11 +46,12 @@ class Cluster:
         raise AgentError("not-found", f"no VM named {vm!r} on any host{hint}")
 
     async def migrate(self, vm: str, destination: str, sc_mode: str, *,
-                      on_event: EventHandler | None = None) -> dict[str, Any]:
+                      on_event: EventHandler | None = None,
+                      abort_at: str | None = None) -> dict[str, Any]:
         endpoint = self.inventory.endpoint(destination)
         source = await self.locate(vm)
         result: dict[str, Any] = await self.call(
             source, "vm.migrate",
             {"name": vm, "destination": destination, "destination_endpoint": endpoint,
-             "sc": sc_mode}, on_event=on_event, timeout=900)
+             "sc": sc_mode, "abort_at": abort_at}, on_event=on_event, timeout=900)
         return result

@@ -8,9 +8,6 @@ destination firewall's invalid-drop counter. Then it removes the lab, also on fa
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
 from typing import Any
 
 from rich.console import Console
@@ -21,6 +18,7 @@ from nseh import lab
 from nseh.cluster import Cluster
 from nseh.definition import VMDefinition
 from nseh.inventory import Inventory
+from nseh.lab.probe import Probe
 
 DEMO_VM = VMDefinition.from_json({
     "name": "web1",
@@ -40,32 +38,6 @@ DEMO_VM = VMDefinition.from_json({
 SETTLE_SECONDS = 4.0
 
 
-class Probe:
-    """`nseh.lab.probe` running inside a client namespace."""
-
-    def __init__(self, namespace: str, flow_args: list[str]) -> None:
-        argv = lab.netns_exec_argv(namespace, [sys.executable, "-m", "nseh.lab.probe",
-                                               *flow_args])
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
-
-    def wait_ready(self) -> bool:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        return bool(line) and bool(json.loads(line).get("ready"))
-
-    def finish(self) -> list[dict[str, Any]]:
-        """Stop the flows and return each one's fate."""
-        output, _ = self.proc.communicate(input="", timeout=30)
-        lines = output.strip().splitlines()
-        return list(json.loads(lines[-1])["flows"]) if lines else []
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def demo_flows(vm: VMDefinition = DEMO_VM) -> list[str]:
     assert vm.network.ipv4 is not None and vm.network.ipv6 is not None
     v4, v6 = vm.network.ipv4.ip, vm.network.ipv6.ip
@@ -74,26 +46,28 @@ def demo_flows(vm: VMDefinition = DEMO_VM) -> list[str]:
 
 
 async def _migrate_with_flows(cluster: Cluster, console: Console, sc_mode: str,
-                              client_namespace: str) -> dict[str, Any]:
+                              client_namespace: str, source: str,
+                              destination: str) -> dict[str, Any]:
     probe = Probe(client_namespace, demo_flows())
     try:
         if not probe.wait_ready():
             raise RuntimeError("the client's flows could not reach the VM before migration")
-        console.print(f"[bold]client c1[/] has {len(demo_flows()) // 2} live flows to "
-                      f"{DEMO_VM.name}; migrating h1 → h2 with --sc {sc_mode}")
-        before = await cluster.call("h2", "firewall.counters")
+        console.print(f"\n[bold]client c1[/] has {len(demo_flows()) // 2} live flows to "
+                      f"{DEMO_VM.name}; migrating {source} → {destination} with --sc {sc_mode}")
+        before = await cluster.call(destination, "firewall.counters")
         report = await cluster.migrate(
-            DEMO_VM.name, "h2", sc_mode,
+            DEMO_VM.name, destination, sc_mode,
             on_event=lambda e: console.print(f"  [dim]{e['phase']}[/] {e['message']}")
             if "message" in e and "phase" in e else None)
         await asyncio.sleep(SETTLE_SECONDS)
-        after = await cluster.call("h2", "firewall.counters")
+        after = await cluster.call(destination, "firewall.counters")
         flows = await asyncio.to_thread(probe.finish)
     finally:
         probe.kill()
     vms, _ = await cluster.list_vms()
     where = [v["host"] for v in vms if v["name"] == DEMO_VM.name]
-    return {"sc_mode": sc_mode, "report": report, "flows": flows, "vm_hosts": where,
+    return {"sc_mode": sc_mode, "source": source, "destination": destination,
+            "report": report, "flows": flows, "vm_hosts": where,
             "destination_invalid_drops": after.get("invalid_drops", 0)
             - before.get("invalid_drops", 0)}
 
@@ -111,8 +85,14 @@ def show(console: Console, result: dict[str, Any]) -> None:
         table.add_row(escape(f"{flow['kind']} {flow['target']}"), str(flow["echoed"]),
                       f"{flow['longest_gap_ms']:.0f} ms", fate)
     console.print(table)
-    console.print(f"destination h2 firewall: {result['destination_invalid_drops']} packets "
-                  "dropped as `ct state invalid` during the migration")
+    if sc := report.get("sc"):
+        console.print(f"security context: {sc['entries']} conntrack entries moved "
+                      f"({sc['bytes']} bytes, {sc['rounds']} change rounds); final delta "
+                      f"{sc['final_delta']} records, {sc['stop_window_ms']:.1f} ms inside "
+                      "the stop window")
+    console.print(f"destination {result['destination']} firewall: "
+                  f"{result['destination_invalid_drops']} packets dropped as "
+                  "`ct state invalid` during the migration")
 
 
 def run_demo(console: Console) -> dict[str, Any]:
@@ -137,13 +117,26 @@ async def _demo(cluster: Cluster, console: Console, client_namespace: str) -> di
     console.print(f"{DEMO_VM.name} runs on h1 at {DEMO_VM.network.ipv4} / "
                   f"{DEMO_VM.network.ipv6}, behind policy: tcp 7,80 + udp 7 + ping in; "
                   "conntrack strict (nf_conntrack_tcp_loose=0)")
-    result = await _migrate_with_flows(cluster, console, "none", client_namespace)
-    show(console, result)
-    broken = [f for f in result["flows"] if not f["alive"]]
+    runs = []
+    for sc_mode, source, destination in (("none", "h1", "h2"), ("precopy", "h2", "h1")):
+        result = await _migrate_with_flows(cluster, console, sc_mode, client_namespace, source,
+                                           destination)
+        show(console, result)
+        runs.append(result)
+    comparison = Table("--sc", "QEMU downtime", "SC in stop window", "flows survived",
+                       "invalid drops on destination", title="side by side")
+    for result in runs:
+        sc = result["report"].get("sc") or {}
+        alive = sum(f["alive"] for f in result["flows"])
+        comparison.add_row(result["sc_mode"], f"{result['report']['qemu']['downtime_ms']} ms",
+                           f"{sc.get('stop_window_ms', 0):.1f} ms",
+                           f"{alive} of {len(result['flows'])}",
+                           str(result["destination_invalid_drops"]))
+    console.print()
+    console.print(comparison)
     console.print(
-        f"\n[bold]Stock live migration moved the VM in {result['report']['qemu']['downtime_ms']}"
-        f" ms of downtime, and {len(broken)} of {len(result['flows'])} flows died[/]: the "
-        "destination has no conntrack state for them, so strict conntrack marks their "
-        "packets invalid and the firewall drops them. UDP and ping recover only because "
-        "the policy admits them as new flows. Carrying the security context fixes this.")
-    return {"runs": [result]}
+        "Stock migration (--sc none) leaves the destination without conntrack state: strict "
+        "conntrack marks the TCP flows' packets invalid and the firewall drops them (UDP and "
+        "ping only come back because the policy admits them as new flows). With --sc "
+        "precopy the VM's conntrack entries move with it and every flow survives.")
+    return {"runs": runs}

@@ -67,6 +67,7 @@ NFNLGRP_CONNTRACK_DESTROY = 3
 MARK_ALL = 0xFFFFFFFF
 BATCH = 256  # messages per send: ~50 KiB, well inside the default socket send buffer
 RECV_SIZE = 1 << 16  # the kernel fills dump replies up to 32 KiB per recv
+EVENTS_PER_READ = 8192  # datagrams per read_pending call, so a flood cannot starve the caller
 EVENTS_SYSCTL = Path("/proc/sys/net/netfilter/nf_conntrack_events")
 
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -130,10 +131,14 @@ def _attr_u32(kind: int, value: int) -> bytes:
     return struct.pack("=HH", 8, kind) + struct.pack("!I", value)
 
 
+def _check_u32(name: str, value: int) -> None:
+    if not isinstance(value, int) or not 0 <= value <= MARK_ALL:
+        raise ConntrackError(f"ct {name} {value!r} is not in 0..{MARK_ALL}")
+
+
 def _mark_filter(mark: int, mask: int) -> bytes:
-    for name, value in (("mark", mark), ("mask", mask)):
-        if not isinstance(value, int) or not 0 <= value <= MARK_ALL:
-            raise ConntrackError(f"ct {name} {value!r} is not in 0..{MARK_ALL}")
+    _check_u32("mark", mark)
+    _check_u32("mask", mask)
     return _NFGEN_UNSPEC + _attr_u32(CTA_MARK, mark) + _attr_u32(CTA_MARK_MASK, mask)
 
 
@@ -229,23 +234,37 @@ class Conntrack:
 
     # -- batched writes ------------------------------------------------------------------------
 
-    def _send_batches(self, kind: int, flags: int, requests: Sequence[bytearray],
-                      what: str) -> dict[int, int]:
-        """Send the requests (bodies after HEADROOM bytes for the nlmsghdr), BATCH per `send`;
-        the errno of each failed one by index."""
-        failed: dict[int, int] = {}
+    def _batches(self, kind: int, flags: int, build: Callable[[bytes], bytearray],
+                 entries: Sequence[bytes]) -> list[tuple[int, int, bytes]]:
+        """All requests, framed and joined BATCH per datagram: (index of the batch's first
+        entry, its first sequence number, datagram). Built in full before anything is sent, so
+        that malformed input raises ConntrackFormatError (naming the entry) and sends nothing."""
+        batches = []
         pack_into = _NLMSGHDR.pack_into
-        for start in range(0, len(requests), BATCH):
-            chunk = requests[start:start + BATCH]
-            first = self._next_seq(len(chunk))
-            seq = first
-            for request in chunk:
+        for start in range(0, len(entries), BATCH):
+            chunk = entries[start:start + BATCH]
+            requests = []
+            for index, entry in enumerate(chunk, start):
+                try:
+                    requests.append(build(entry))
+                except ConntrackFormatError as exc:
+                    raise ConntrackFormatError(f"entry #{index}: {exc}") from None
+            first = seq = self._next_seq(len(requests))
+            for request in requests:
                 pack_into(request, 0, len(request), kind, flags, seq, 0)
                 seq += 1
             # The ACK on the last message marks the end of the batch's replies.
-            last = seq - 1
-            pack_into(chunk[-1], 0, len(chunk[-1]), kind, flags | NLM_F_ACK, last, 0)
-            self._send(b"".join(chunk), what)
+            pack_into(requests[-1], 0, len(requests[-1]), kind, flags | NLM_F_ACK, seq - 1, 0)
+            batches.append((start, first, b"".join(requests)))
+        return batches
+
+    def _send_batches(self, kind: int, flags: int, build: Callable[[bytes], bytearray],
+                      entries: Sequence[bytes], what: str) -> dict[int, int]:
+        """One request per entry, BATCH per `send`; the errno of each failed one by index."""
+        failed: dict[int, int] = {}
+        for start, first, datagram in self._batches(kind, flags, build, entries):
+            self._send(datagram, what)
+            last = first + min(BATCH, len(entries) - start) - 1
             self._collect(first, last, start, failed, what)
         return failed
 
@@ -255,11 +274,11 @@ class Conntrack:
         while True:
             data = self._recv(what)
             offset = 0
-            while offset + 20 <= len(data):
+            while offset + 16 <= len(data):
                 length, kind, _, seq, _ = _NLMSGHDR.unpack_from(data, offset)
                 if length < 16 or offset + length > len(data):
                     raise ConntrackError(f"{what}: bad netlink message length {length}")
-                if kind == NLMSG_ERROR and first <= seq <= last:
+                if kind == NLMSG_ERROR and length >= 20 and first <= seq <= last:
                     code = -_NLMSGERR.unpack_from(data, offset + 16)[0]
                     if code:
                         failed[start + seq - first] = code
@@ -270,16 +289,18 @@ class Conntrack:
     def insert(self, entries: Sequence[bytes], *, mark: int | None = None) -> InsertResult:
         """Create copies of dumped entries (with ct mark `mark`, if given); entries that exist
         already are updated instead. Malformed input raises before anything is sent."""
-        requests = _requests(create_request, entries, mark)
-        failed = self._send_batches(CT_NEW, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL, requests,
+        if mark is not None:
+            _check_u32("mark", mark)
+        failed = self._send_batches(CT_NEW, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL,
+                                    lambda entry: create_request(entry, mark), entries,
                                     "insert conntrack entries")
-        del requests
         existing = [index for index, code in failed.items() if code == errno.EEXIST]
         update_failed: dict[int, int] = {}
         if existing:
-            updates = [update_request(entries[index], mark) for index in existing]
-            update_failed = {existing[position]: code for position, code in self._send_batches(
-                CT_NEW, NLM_F_REQUEST, updates, "update conntrack entries").items()}
+            updated = self._send_batches(
+                CT_NEW, NLM_F_REQUEST, lambda entry: update_request(entry, mark),
+                [entries[index] for index in existing], "update conntrack entries")
+            update_failed = {existing[position]: code for position, code in updated.items()}
         result = InsertResult(created=len(entries) - len(failed),
                               updated=len(existing) - len(update_failed))
         for index, code in sorted({**failed, **update_failed}.items()):
@@ -290,8 +311,7 @@ class Conntrack:
     def delete(self, entries: Sequence[bytes]) -> int:
         """Delete the entries' connections (by original tuple and zone) and return how many
         existed. Connections already gone are not an error."""
-        requests = _requests(lambda entry, _: delete_request(entry), entries, None)
-        failed = self._send_batches(CT_DELETE, NLM_F_REQUEST, requests,
+        failed = self._send_batches(CT_DELETE, NLM_F_REQUEST, delete_request, entries,
                                     "delete conntrack entries")
         errors = {index: code for index, code in failed.items() if code != errno.ENOENT}
         if errors:
@@ -303,25 +323,12 @@ class Conntrack:
 
     def flush(self, mark: int, mask: int = MARK_ALL) -> None:
         """Delete every entry (IPv4 and IPv6) with `ct mark & mask == mark`, in the kernel."""
-        request = bytearray(HEADROOM) + _mark_filter(mark, mask)
+        body = _mark_filter(mark, mask)
         what = f"flush conntrack mark {mark:#x}/{mask:#x}"
-        failed = self._send_batches(CT_DELETE, NLM_F_REQUEST, [request], what)
+        failed = self._send_batches(CT_DELETE, NLM_F_REQUEST,
+                                    lambda filter_: bytearray(HEADROOM) + filter_, [body], what)
         if failed:
             raise ConntrackError(f"{what}: {os.strerror(failed[0])}")
-
-
-def _requests(build: Callable[[bytes, int | None], bytearray], entries: Sequence[bytes],
-              mark: int | None) -> list[bytearray]:
-    """All requests, or a ConntrackFormatError naming the first malformed entry."""
-    try:
-        return [build(entry, mark) for entry in entries]
-    except ConntrackFormatError:
-        for index, entry in enumerate(entries):
-            try:
-                build(entry, mark)
-            except ConntrackFormatError as exc:
-                raise ConntrackFormatError(f"entry #{index}: {exc}") from None
-        raise
 
 
 class ConntrackEvents:
@@ -362,12 +369,14 @@ class ConntrackEvents:
 
     def read_pending(self, mark: int) -> list[tuple[EventType, bytes]]:
         """The queued events of entries with ct mark `mark`, oldest first, as (type, entry).
+        At most EVENTS_PER_READ datagrams are read per call; the socket stays readable if more
+        are queued.
 
         Raises `EventsOverrun` if events were lost; what was queued is discarded then, since
         the resynchronising dump supersedes it.
         """
         events: list[tuple[EventType, bytes]] = []
-        while True:
+        for _ in range(EVENTS_PER_READ):
             try:
                 data = self._sock.recv(RECV_SIZE)
             except BlockingIOError:
@@ -395,6 +404,7 @@ class ConntrackEvents:
                             event = EventType.UPDATE
                         events.append((event, entry))
                 offset += (length + 3) & ~3
+        return events
 
     def _discard_queue(self) -> None:
         while True:

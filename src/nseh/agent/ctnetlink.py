@@ -52,7 +52,6 @@ CTA_NAT_SRC = 6
 CTA_TIMEOUT = 7
 CTA_MARK = 8
 CTA_COUNTERS_ORIG = 9
-CTA_COUNTERS_REPLY = 10
 CTA_USE = 11
 CTA_ID = 12
 CTA_NAT_DST = 13
@@ -60,7 +59,6 @@ CTA_TUPLE_MASTER = 14
 CTA_SEQ_ADJ_ORIG = 15
 CTA_SEQ_ADJ_REPLY = 16
 CTA_ZONE = 18
-CTA_SECCTX = 19
 CTA_TIMESTAMP = 20
 CTA_MARK_MASK = 21
 CTA_LABELS = 22
@@ -363,8 +361,10 @@ def _tcp_state(entry: bytes, span: tuple[int, int]) -> str | None:
     if tcp is None:
         return None
     value = _walk(entry, tcp[0], tcp[1], "CTA_PROTOINFO_TCP").get(CTA_PROTOINFO_TCP_STATE)
-    if value is None or value[1] - value[0] != 1:
+    if value is None:
         return None
+    if value[1] - value[0] != 1:
+        raise ConntrackFormatError("CTA_PROTOINFO_TCP: state is not 1 byte")
     number = entry[value[0]]
     return TCP_STATES[number] if number < len(TCP_STATES) else str(number)
 

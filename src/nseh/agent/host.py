@@ -24,7 +24,8 @@ from nseh.api.server import ApiError, ApiServer, Emit, Handler
 from nseh.definition import DefinitionError, VMDefinition
 from nseh.guest.console import GuestConsoleError
 from nseh.guest.image import GuestImage, ensure_image
-from nseh.migration.orchestrator import SC_MODES, SourceMigration
+from nseh.migration.orchestrator import ABORTABLE_PHASES, SC_MODES, SourceMigration
+from nseh.migration.phases import Phase
 from nseh.migration.sc_transfer import receive_sc
 from nseh.sc import channel as sc_channel
 
@@ -261,12 +262,16 @@ class HostAgent:
             raise ApiError("bad-request", f"VM {vm.name} already runs on {self.host}")
         if vm.state != VMState.RUNNING:
             raise ApiError("busy", f"VM {vm.name} is {vm.state}, not running")
+        abort_at = params.get("abort_at")
+        if abort_at not in (None, *ABORTABLE_PHASES):
+            raise ApiError("bad-request", f"cannot abort in phase {abort_at!r} (choose from "
+                                          f"{', '.join(ABORTABLE_PHASES)})")
         vm.state = VMState.MIGRATING
         vm.save()
         migration = SourceMigration(vm=vm, source=self.host, destination=destination,
                                     destination_agent=AgentClient(endpoint), sc_mode=sc_mode,
                                     engines=self.engines, credentials=self.credentials,
-                                    emit=emit)
+                                    emit=emit, abort_at=Phase(abort_at) if abort_at else None)
         report = await migration.run()
         if migration.run_state.phase == "done":
             await self._destroy(vm)

@@ -15,9 +15,13 @@ import contextlib
 import json
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from nseh.lab.layout import netns_exec_argv
 
 # A flow counts as broken if it got no echo for this long when the probe stops.
 STALL_LIMIT = 2.0
@@ -143,6 +147,38 @@ async def run(flows: list[FlowStats], interval: float) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Probe:
+    """Controls this module running inside a client node's namespace."""
+
+    def __init__(self, namespace: str, flow_args: list[str]) -> None:
+        argv = netns_exec_argv(namespace, [sys.executable, "-m", "nseh.lab.probe",
+                                               *flow_args])
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+
+    def wait_ready(self) -> bool:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        return bool(line) and bool(json.loads(line).get("ready"))
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Stop the flows and return each one's fate."""
+        output, _ = self.proc.communicate(input="", timeout=30)
+        lines = output.strip().splitlines()
+        return list(json.loads(lines[-1])["flows"]) if lines else []
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
 
 
 def main() -> None:

@@ -41,7 +41,10 @@ from nseh.sc.pki import HostCredentials
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SC_MODES", "SourceMigration"]
+__all__ = ["ABORTABLE_PHASES", "SC_MODES", "SourceMigration"]
+
+# Phases a rollback drill (`nseh migrate --abort-at`) can fail on purpose.
+ABORTABLE_PHASES = (Phase.PREPARE.value, Phase.TRANSFER.value, Phase.SWITCHOVER.value)
 
 TICK = 0.2  # between progress reports and pre-copy SC rounds
 TRANSFER_TIMEOUT = 600.0
@@ -58,7 +61,8 @@ class MigrationFailed(RuntimeError):
 class SourceMigration:
     def __init__(self, *, vm: VM, source: str, destination: str, destination_agent: AgentClient,
                  sc_mode: str, engines: Sequence[SecurityEngine],
-                 credentials: HostCredentials | None, emit: Emit) -> None:
+                 credentials: HostCredentials | None, emit: Emit,
+                 abort_at: Phase | None = None) -> None:
         self.vm = vm
         self.destination_agent = destination_agent
         self.engines = engines
@@ -70,6 +74,12 @@ class SourceMigration:
         self.sc: ScSender | None = None
         self.final_info: dict[str, Any] = {}
         self.destination_sc_entries: int | None = None
+        # A rollback drill: fail on purpose once this phase has done its work.
+        self.abort_at = abort_at
+
+    def _drill(self, phase: Phase) -> None:
+        if self.abort_at == phase:
+            raise MigrationFailed(f"aborted in phase {phase} on request (--abort-at)")
 
     def _phase(self, message: str) -> None:
         log.info("migrating %s: %s: %s", self.vm.name, self.run_state.phase, message)
@@ -82,6 +92,7 @@ class SourceMigration:
             reply = await self._prepare()
             if self.run_state.sc_mode != "none":
                 await self._open_sc(reply["sc"])
+            self._drill(Phase.PREPARE)
             self.run_state.advance()
             await self._transfer()  # includes an SC switchover, driven by QEMU's events
             if self.run_state.phase == Phase.TRANSFER:  # QEMU switched over by itself
@@ -175,15 +186,17 @@ class SourceMigration:
                 f"destination {self.uri} did not accept the migration stream within "
                 f"{SETUP_TIMEOUT:.0f} s (management network unreachable?)")
         self.emit({"phase": "transfer", "progress": qemu_progress(info)})
-        if self.sc is not None and self.run_state.sc_mode == "precopy" \
-                and info.get("status") == "active":
-            await self.sc.send_changes()
+        if info.get("status") == "active":
+            if self.sc is not None and self.run_state.sc_mode == "precopy":
+                await self.sc.send_changes()
+            self._drill(Phase.TRANSFER)
         return info
 
     async def _switchover(self, qmp: QMPClient) -> None:
         assert self.sc is not None
         self.run_state.advance()  # TRANSFER -> SWITCHOVER
         await self.sc.send_final()
+        self._drill(Phase.SWITCHOVER)
         await qmp.execute("migrate-continue", {"state": "pre-switchover"})
         self._phase(f"final SC ({self.sc.stats.final_delta} records) applied in "
                     f"{self.sc.stats.stop_window_ms:.1f} ms; QEMU switches over")

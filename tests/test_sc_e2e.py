@@ -1,0 +1,170 @@
+"""End to end: the VM's security context migrates with it, so behind strict conntrack
+(`nf_conntrack_tcp_loose=0`, `ct state invalid drop`) its live flows survive — and without
+it they do not. Real VMs, real firewalls, real flows from a client namespace."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from labtools import (
+    EXAMPLE_VM,
+    client_connect,
+    nseh,
+    nseh_json,
+    start_client_echo_server,
+)
+
+from nseh import lab
+from nseh.lab.probe import Probe
+
+pytestmark = pytest.mark.lab
+
+VM4, VM6 = "10.0.0.10", "fd00::10"
+CLIENT4 = str(lab.client_ipv4(1))
+FLOWS = ["--tcp", f"{VM4}:7", "--tcp", f"[{VM6}]:7", "--udp", f"{VM4}:7", "--ping", VM4]
+# A flow the VM itself opens: it sends a line every 100 ms to the client's echo server and
+# appends the echoes to a file.
+GUEST_FLOW = (f"(while :; do echo tick; sleep 0.1; done) | nc {CLIENT4} 7 >/tmp/echoes "
+              "2>&1 &")
+
+
+@pytest.fixture(scope="module")
+def web1(running_lab) -> Iterator[str]:
+    nseh("vm", "start", "web1", "--host", "h1", "--definition", str(EXAMPLE_VM))
+    yield "web1"
+    nseh("vm", "stop", "web1", check=False)
+
+
+@pytest.fixture
+def client_echo_server(running_lab) -> Iterator[None]:
+    with start_client_echo_server(1, [7]):
+        yield
+
+
+def vm_host(name: str) -> str:
+    hosts = [v["host"] for v in nseh_json("vm", "list")["vms"] if v["name"] == name]
+    assert len(hosts) == 1, hosts
+    return hosts[0]
+
+
+def guest_echoes() -> int:
+    """Echo lines the guest's own outbound flow has received so far."""
+    result = nseh_json("vm", "exec", "web1", "--", "wc -l < /tmp/echoes")
+    return int(result["output"].strip() or 0)
+
+
+def guest_flow_alive() -> bool:
+    before = guest_echoes()
+    time.sleep(1.5)
+    return guest_echoes() > before
+
+
+def migrate(destination: str, sc: str) -> dict:
+    report = nseh_json("migrate", "web1", "--to", destination, "--sc", sc)
+    assert report["result"] == "migrated", report
+    assert vm_host("web1") == destination
+    return report
+
+
+def test_precopy_keeps_every_flow_alive_there_and_back(web1, client_echo_server):
+    nseh("vm", "exec", "web1", "--", GUEST_FLOW)
+    assert guest_flow_alive()
+    with Probe(lab.client_namespace(1), FLOWS) as probe:
+        assert probe.wait_ready()
+        there = migrate("h2", "precopy")
+        time.sleep(2)
+        assert guest_flow_alive(), "the VM's own outbound flow died on h2"
+        back = migrate("h1", "precopy")
+        time.sleep(2)
+        assert guest_flow_alive(), "the VM's own outbound flow died back on h1"
+        flows = probe.finish()
+    assert [f["kind"] for f in flows] == ["tcp", "tcp", "udp", "ping"]
+    for flow in flows:
+        assert flow["alive"] and flow["error"] is None, flow
+        assert flow["longest_gap_ms"] < 2000, flow
+    for report in (there, back):
+        sc = report["sc"]
+        # Client flows (tcp v4, tcp v6, udp, ping) and the guest's flow, at least.
+        assert sc["entries"] >= 5 and sc["rejected"] == 0, sc
+        assert sc["destination_entries"] >= 5, sc
+        assert report["qemu"]["downtime_ms"] is not None
+
+
+def test_stopcopy_moves_the_whole_sc_in_the_stop_window(web1):
+    with Probe(lab.client_namespace(1), FLOWS[:4]) as probe:
+        assert probe.wait_ready()
+        report = migrate("h2", "stopcopy")
+        time.sleep(2)
+        flows = probe.finish()
+    assert all(f["alive"] for f in flows), flows
+    sc = report["sc"]
+    assert sc["rounds"] == 0 and sc["final_delta"] == sc["entries"] >= 2, sc
+    migrate("h1", "precopy")
+
+
+@pytest.mark.parametrize("phase", ["prepare", "transfer", "switchover"])
+def test_a_migration_aborted_in_any_phase_leaves_the_vm_on_the_source(web1, phase):
+    with Probe(lab.client_namespace(1), FLOWS[:4]) as probe:
+        assert probe.wait_ready()
+        result = nseh("migrate", "web1", "--to", "h2", "--abort-at", phase, "--json",
+                      check=False)
+        time.sleep(2)
+        flows = probe.finish()
+    assert result.returncode == 1
+    assert f"aborted in phase {phase}" in result.stderr
+    assert vm_host("web1") == "h1"
+    assert all(f["alive"] for f in flows), flows
+    # Nothing of the VM is left on the destination: no VM, no policy, no conntrack entries.
+    assert "web1" not in nseh_json("host", "info", "h2")["vms"]
+    assert not any("web1" in counter for counter in nseh_json("host", "counters", "h2"))
+    assert lab_conntrack_count("nseh-h2", VM4) == 0
+
+
+def test_forbidden_ports_stay_closed_on_both_hosts_during_migration(web1):
+    # Client c2 knocks on port 22 all along: the policy never allows it and nothing listens
+    # there, so any answer but silence ("refused") would mean the firewall let it through.
+    with Probe(lab.client_namespace(1), FLOWS[:2]) as probe:
+        assert probe.wait_ready()
+        results: list[str] = []
+        stop = threading.Event()
+
+        def knock() -> None:
+            while not stop.is_set():
+                results.append(client_connect(2, VM4, 22, timeout=0.3))
+
+        knocker = threading.Thread(target=knock)
+        knocker.start()
+        try:
+            migrate("h2", "precopy")
+            migrate("h1", "precopy")
+        finally:
+            stop.set()
+            knocker.join()
+        probe.finish()
+    assert results and set(results) == {"timeout"}, set(results)
+
+
+def test_without_sc_strict_tcp_flows_break(web1, client_echo_server):
+    nseh("vm", "exec", "web1", "--", GUEST_FLOW)
+    assert guest_flow_alive()
+    with Probe(lab.client_namespace(1), FLOWS) as probe:
+        assert probe.wait_ready()
+        report = migrate("h2", "none")
+        time.sleep(3)
+        guest_alive = guest_flow_alive()
+        flows = probe.finish()
+    assert "sc" not in report
+    by_kind = {f["target"]: f for f in flows if f["kind"] == "tcp"}
+    assert not any(f["alive"] for f in by_kind.values()), flows
+    assert not guest_alive, "the VM's outbound TCP flow survived without its SC"
+    migrate("h1", "precopy")
+
+
+def lab_conntrack_count(namespace: str, address: str) -> int:
+    listing = subprocess.run(lab.netns_exec_argv(namespace, ["conntrack", "-L"]),
+                             capture_output=True, text=True).stdout
+    return sum(f"={address} " in line for line in listing.splitlines())
