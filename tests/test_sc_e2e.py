@@ -5,6 +5,7 @@ it they do not. Real VMs, real firewalls, real flows from a client namespace."""
 from __future__ import annotations
 
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -168,3 +169,64 @@ def lab_conntrack_count(namespace: str, address: str) -> int:
     listing = subprocess.run(lab.netns_exec_argv(namespace, ["conntrack", "-L"]),
                              capture_output=True, text=True).stdout
     return sum(f"={address} " in line for line in listing.splitlines())
+
+
+# Fills a host's conntrack table with `count` established TCP connections of a VM (mark,
+# address): clients 10.0.<i>.<j> (or fd00::<i>:<j>) -> the VM's port 80.
+_FILL = """
+import sys
+from nseh.agent.conntrack import Conntrack
+from nseh.agent.ctnetlink import make_entry
+count, mark, vm4, vm6 = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+entries = []
+for i in range(count):
+    port = 1024 + i % 60000
+    if i % 2:
+        client, vm = f"fd00::1:{i // 60000 + 1:x}", vm6
+    else:
+        client, vm = f"10.0.{100 + i // 60000}.7", vm4
+    entries.append(make_entry(client, vm, "tcp", port, 80, mark=mark, timeout=3600))
+with Conntrack() as ct:
+    result = ct.insert(entries)
+print(result.created)
+"""
+
+_COUNT = """
+import sys
+from nseh.agent.conntrack import Conntrack
+with Conntrack() as ct:
+    print(ct.count(int(sys.argv[1])))
+"""
+
+
+def in_host(host: str, code: str, *args: object) -> str:
+    argv = lab.netns_exec_argv(f"nseh-{host}", [sys.executable, "-c", code, *map(str, args)])
+    return subprocess.run(argv, capture_output=True, text=True, check=True,
+                          timeout=300).stdout.strip()
+
+
+def vm_mark(name: str) -> int:
+    return next(v["mark"] for v in nseh_json("vm", "list")["vms"] if v["name"] == name)
+
+
+def test_sc_of_100000_entries_migrates_completely(web1):
+    source = vm_host("web1")
+    destination = "h2" if source == "h1" else "h1"
+    added = int(in_host(source, _FILL, 100_000, vm_mark("web1"), VM4, VM6))
+    assert added == 100_000
+    with Probe(lab.client_namespace(1), FLOWS[:4]) as probe:
+        assert probe.wait_ready()
+        on_source = int(in_host(source, _COUNT, vm_mark("web1")))
+        assert on_source >= 100_000
+        report = migrate(destination, "precopy")
+        time.sleep(2)
+        flows = probe.finish()
+    assert all(f["alive"] for f in flows), flows
+    sc = report["sc"]
+    assert sc["rejected"] == 0 and sc["entries"] >= on_source, sc
+    on_destination = int(in_host(destination, _COUNT, vm_mark("web1")))
+    assert on_destination == sc["destination_entries"]
+    assert on_destination >= on_source - 10  # live flows may have closed meanwhile
+    assert lab_conntrack_count(f"nseh-{source}", VM4) == 0  # the source purged its SC
+    # Stop the VM's test entries from weighing on the remaining tests.
+    nseh("migrate", "web1", "--to", source, "--sc", "none", "--json")

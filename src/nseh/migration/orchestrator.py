@@ -141,7 +141,11 @@ class SourceMigration:
         self.sc = ScSender(channel, self.engines, self.scope, self.run_state.sc_mode)
         await self.sc.hello(self.run_state.source)
         if self.run_state.sc_mode == "precopy":
-            self.sc.start_tracking()
+            self.sc.start_tracking()  # before the bulk snapshot, so no change is missed
+            # The bulk copy goes before QEMU's pre-copy, not beside it: QEMU cannot be kept
+            # from converging (an idle guest has no dirty pages, and QEMU then switches over
+            # whatever the downtime limit), so a bulk copy still running at that point
+            # would land in the stop window. Change rounds do run beside RAM pre-copy.
             await self.sc.send_bulk()
             self._phase(f"SC bulk copy: {self.sc.stats.entries} entries, "
                         f"{self.sc.stats.bytes} bytes")
