@@ -4,6 +4,8 @@ it they do not. Real VMs, real firewalls, real flows from a client namespace."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 import sys
 import threading
@@ -20,6 +22,8 @@ from labtools import (
 )
 
 from nseh import lab
+from nseh.cluster import Cluster
+from nseh.inventory import Inventory
 from nseh.lab.probe import Probe
 
 pytestmark = pytest.mark.lab
@@ -230,3 +234,69 @@ def test_sc_of_100000_entries_migrates_completely(web1):
     assert lab_conntrack_count(f"nseh-{source}", VM4) == 0  # the source purged its SC
     # Stop the VM's test entries from weighing on the remaining tests.
     nseh("migrate", "web1", "--to", source, "--sc", "none", "--json")
+
+
+# A peer with a valid cluster certificate (its own host's) that sends SC for a VM: entries of
+# other hosts' connections, and one in a conntrack zone. Prints the destination's answers.
+_HOSTILE_PEER = """
+import asyncio, json, sys
+from nseh.agent.ctnetlink import make_entry
+from nseh.sc.channel import connect
+from nseh.sc.pki import HostCredentials
+from nseh.sc.wire import PROTOCOL_VERSION, Abort, Entries, Hello, RoundEnd
+
+me, tls, address, peer, vm_ip = sys.argv[1:6]
+creds = HostCredentials(me, f"{tls}/{me}.pem", f"{tls}/{me}-key.pem", f"{tls}/ca.pem")
+entries = [make_entry("10.0.0.99", "10.0.0.98", "tcp", 1000 + i, 22) for i in range(3)]
+entries.append(make_entry("10.0.0.97", vm_ip, "tcp", 999, 7, zone=5))
+entries.append(make_entry("10.0.0.96", vm_ip, "tcp", 998, 7))
+
+async def main():
+    channel = await connect(address, 7470, creds, expected_peer=peer, timeout=10)
+    await channel.send(Hello(PROTOCOL_VERSION, me, "web1", "precopy"))
+    hello = await channel.receive(10)
+    answers = {"hello": [hello.accepted, hello.reason]}
+    if hello.accepted:
+        await channel.send_many([Entries("firewall", 1, entries), RoundEnd(1, len(entries), 0)])
+        ack = await channel.receive(10)
+        answers["ack"] = [ack.applied, ack.rejected, ack.reasons]
+        await channel.send(Abort("test over"))
+    print(json.dumps(answers))
+
+asyncio.run(main())
+"""
+
+
+def test_destination_accepts_only_the_migrating_vms_sc_from_its_source(web1):
+    source = vm_host("web1")
+    destination = "h2" if source == "h1" else "h1"
+    definition = {"name": "web1", "network": {"ipv4": f"{VM4}/24", "ipv6": f"{VM6}/64"}}
+    nseh_json("vm", "list")  # the cluster is up
+    prepare = asyncio.run(_agent_call(destination, "migration.prepare", {
+        "definition": definition, "source": source, "policies": {}}))
+    destination_ip = prepare["sc"]["address"]
+    try:
+        # The source's own certificate: records that are not web1's are rejected, reported
+        # and never installed; web1's own is installed.
+        answers = json.loads(in_host(
+            source, _HOSTILE_PEER, source, lab.LAB_DIR / source / "tls", destination_ip,
+            destination, VM4))
+        assert answers["hello"] == [True, ""]
+        applied, rejected, reasons = answers["ack"]
+        assert (applied, rejected) == (1, 4), answers
+        assert any("not a connection of web1" in r for r in reasons), reasons
+        assert any("zone 5" in r for r in reasons), reasons
+        assert lab_conntrack_count(f"nseh-{destination}", "10.0.0.99") == 0
+        # A valid certificate of another host (the destination's own) is refused outright.
+        answers = json.loads(in_host(
+            destination, _HOSTILE_PEER, destination, lab.LAB_DIR / destination / "tls",
+            destination_ip, destination, VM4))
+        assert answers["hello"][0] is False
+        assert f"migrates from {source}, not from {destination}" in answers["hello"][1]
+    finally:
+        asyncio.run(_agent_call(destination, "migration.abort", {"name": "web1"}))
+    assert lab_conntrack_count(f"nseh-{destination}", VM4) == 0
+
+
+async def _agent_call(host: str, method: str, params: dict) -> dict:
+    return await Cluster(Inventory.find()).call(host, method, params)
