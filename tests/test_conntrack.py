@@ -35,9 +35,11 @@ from nseh.agent.conntrack import (
     ConntrackEvents,
     EventsOverrun,
     EventType,
+    enable_event_generation,
 )
 from nseh.agent.ctnetlink import (
     ConntrackFormatError,
+    MissingStateError,
     entry_addresses,
     entry_key,
     entry_mark,
@@ -237,6 +239,19 @@ def test_update_and_delete_messages() -> None:
                                                        ctnetlink.CTA_ZONE}
 
 
+def test_a_tcp_entry_without_state_cannot_create_a_connection() -> None:
+    stateless = b"".join(_without(make_entry("10.0.0.1", "10.0.0.2", "tcp", 1, 2),
+                                  ctnetlink.CTA_PROTOINFO))
+    with pytest.raises(MissingStateError, match="tcp entry without CTA_PROTOINFO"):
+        to_create_message(stateless)
+    assert to_update_message(stateless)  # it can still bring an existing connection up to date
+    # A UDP entry of the very same layout creates fine; the protocol byte is checked per entry.
+    udp = make_entry("10.0.0.1", "10.0.0.2", "udp", 1, 2)
+    assert len(udp) == len(stateless) and to_create_message(udp)
+    with pytest.raises(MissingStateError):
+        to_create_message(stateless)
+
+
 def _natted(client: str, floating: str, vm: str, port: int) -> bytes:
     """A DNAT entry as the kernel dumps it: client -> floating:80, reply from vm:8080."""
     plain = make_entry(client, floating, "tcp", port, 80, status=0x1AE, mark=3)
@@ -317,6 +332,12 @@ def test_fuzz_damaged_entries(sample: bytes, cut: int, flips: list[tuple[int, in
     _only_format_errors(bytes(damaged))
 
 
+def create_purpose() -> ctnetlink._Purpose:
+    """A request builder like the one of to_create_message, with an empty layout cache."""
+    return ctnetlink._Purpose(ctnetlink._CREATE.copy, ctnetlink._CREATE.required,
+                              ctnetlink.IPS_CONFIRMED, ctnetlink._UNCHANGEABLE, creates=True)
+
+
 @given(sample=st.sampled_from(SAMPLES),
        flips=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), min_size=1,
                       max_size=6))
@@ -326,18 +347,23 @@ def test_layout_cache_gives_what_a_fresh_walk_gives(sample: bytes,
     damaged = bytearray(sample)
     for position, value in flips:
         damaged[position % len(damaged)] = value
-    to_create_message(sample)  # the sample's layout is cached
-    fresh = ctnetlink._Purpose(ctnetlink._CREATE.copy, ctnetlink._CREATE.required,
-                               ctnetlink.IPS_CONFIRMED, ctnetlink._UNCHANGEABLE)
-    try:
-        expected: bytes | None = bytes(fresh.request(bytes(damaged), None)[0])
-    except ConntrackFormatError:
-        expected = None
-    try:
-        cached: bytes | None = bytes(ctnetlink._CREATE.request(bytes(damaged), None)[0])
-    except ConntrackFormatError:
-        cached = None
-    assert cached == expected
+    warm, fresh = create_purpose(), create_purpose()
+    warm.request(sample, None)  # the sample's layout is cached
+    built: list[bytes | None] = []
+    for purpose in (warm, fresh):
+        try:
+            built.append(bytes(purpose.request(bytes(damaged), MARK_NEW)[0]))
+        except ConntrackFormatError:
+            built.append(None)
+    assert built[0] == built[1]
+
+
+def test_layout_cache_is_bounded() -> None:
+    purpose = create_purpose()
+    for size in range(purpose.LIMIT + 10):  # as many layouts: labels of growing length
+        purpose.request(make_entry("10.0.0.1", "10.0.0.2", "udp", 1, 2)
+                        + _attr(ctnetlink.CTA_LABELS, b"\1" * (4 + 4 * size)), None)
+    assert 0 < purpose.count <= purpose.LIMIT
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,6 +458,22 @@ def test_insert_updates_existing_entries(tables: tuple[Conntrack, Conntrack]) ->
     assert summary["state"] == "CLOSE_WAIT" and summary["timeout"] > 6990
 
 
+def test_entries_without_state_only_update(tables: tuple[Conntrack, Conntrack]) -> None:
+    source, _ = tables
+    existing = make_entry("10.1.0.1", "10.2.0.1", "tcp", 1, 443, mark=MARK_A, timeout=100)
+    source.insert([existing])
+    # Like an UPDATE event: no CTA_PROTOINFO.
+    events = [b"".join(_without(make_entry("10.1.0.1", "10.2.0.1", "tcp", port, 443,
+                                           mark=MARK_A, timeout=5000),
+                                ctnetlink.CTA_PROTOINFO)) for port in (1, 2)]
+    result = source.insert(events)
+    assert (result.created, result.updated) == (0, 1)
+    assert [(index, code) for index, code, _ in result.failures] == [(1, errno.ENOENT)]
+    [entry] = source.dump(MARK_A)
+    assert entry_summary(entry)["state"] == "ESTABLISHED"
+    assert entry_summary(entry)["timeout"] > 4990
+
+
 def test_insert_reports_what_the_kernel_refuses(tables: tuple[Conntrack, Conntrack]) -> None:
     source, _ = tables
     good = mixed_entries(MARK_A, 3)
@@ -507,6 +549,9 @@ def test_events_refuse_a_namespace_that_would_miss_events(namespaces: None) -> N
     try:
         with pytest.raises(ConntrackError, match="nf_conntrack_events is 2"):
             call_in(NS2, ConntrackEvents)
+        call_in(NS2, enable_event_generation)
+        assert in_ns(NS2, "sysctl", "-n", "net.netfilter.nf_conntrack_events").stdout == "1\n"
+        call_in(NS2, ConntrackEvents).close()
     finally:
         in_ns(NS2, "sysctl", "-qw", "net.netfilter.nf_conntrack_events=1")
 

@@ -34,6 +34,7 @@ from nseh.agent.ctnetlink import (
     CTA_MARK_MASK,
     HEADROOM,
     ConntrackFormatError,
+    MissingStateError,
     create_request,
     delete_request,
     entry_mark,
@@ -90,6 +91,15 @@ class EventType(enum.IntEnum):
     NEW = NFNLGRP_CONNTRACK_NEW
     UPDATE = NFNLGRP_CONNTRACK_UPDATE
     DESTROY = NFNLGRP_CONNTRACK_DESTROY
+
+
+@dataclass
+class _Batch:
+    """Requests framed into one datagram: the entries' indices, the first sequence number."""
+
+    indices: list[int]
+    first: int
+    datagram: bytes
 
 
 @dataclass
@@ -234,43 +244,54 @@ class Conntrack:
 
     # -- batched writes ------------------------------------------------------------------------
 
-    def _batches(self, kind: int, flags: int, build: Callable[[bytes], bytearray],
-                 entries: Sequence[bytes]) -> list[tuple[int, int, bytes]]:
-        """All requests, framed and joined BATCH per datagram: (index of the batch's first
-        entry, its first sequence number, datagram). Built in full before anything is sent, so
-        that malformed input raises ConntrackFormatError (naming the entry) and sends nothing."""
-        batches = []
-        pack_into = _NLMSGHDR.pack_into
-        for start in range(0, len(entries), BATCH):
-            chunk = entries[start:start + BATCH]
-            requests = []
-            for index, entry in enumerate(chunk, start):
-                try:
-                    requests.append(build(entry))
-                except ConntrackFormatError as exc:
-                    raise ConntrackFormatError(f"entry #{index}: {exc}") from None
-            first = seq = self._next_seq(len(requests))
-            for request in requests:
-                pack_into(request, 0, len(request), kind, flags, seq, 0)
-                seq += 1
-            # The ACK on the last message marks the end of the batch's replies.
-            pack_into(requests[-1], 0, len(requests[-1]), kind, flags | NLM_F_ACK, seq - 1, 0)
-            batches.append((start, first, b"".join(requests)))
-        return batches
+    def _batches(self, kind: int, flags: int, build: Callable[[bytes], bytearray | None],
+                 entries: Sequence[bytes]) -> tuple[list[_Batch], list[int]]:
+        """All requests, framed and joined BATCH per datagram, and the indices of the entries
+        `build` skipped (returned None for). Built in full before anything is sent, so that
+        malformed input raises ConntrackFormatError (naming the entry) and sends nothing."""
+        batches: list[_Batch] = []
+        skipped: list[int] = []
+        requests: list[bytearray] = []
+        indices: list[int] = []
+        for index, entry in enumerate(entries):
+            try:
+                request = build(entry)
+            except ConntrackFormatError as exc:
+                raise ConntrackFormatError(f"entry #{index}: {exc}") from None
+            if request is None:
+                skipped.append(index)
+                continue
+            requests.append(request)
+            indices.append(index)
+            if len(requests) == BATCH:
+                batches.append(self._frame(kind, flags, requests, indices))
+                requests, indices = [], []
+        if requests:
+            batches.append(self._frame(kind, flags, requests, indices))
+        return batches, skipped
 
-    def _send_batches(self, kind: int, flags: int, build: Callable[[bytes], bytearray],
-                      entries: Sequence[bytes], what: str) -> dict[int, int]:
-        """One request per entry, BATCH per `send`; the errno of each failed one by index."""
+    def _frame(self, kind: int, flags: int, requests: list[bytearray],
+               indices: list[int]) -> _Batch:
+        first = seq = self._next_seq(len(requests))
+        pack_into = _NLMSGHDR.pack_into
+        for request in requests:
+            pack_into(request, 0, len(request), kind, flags, seq, 0)
+            seq += 1
+        # The ACK on the last message marks the end of the batch's replies.
+        pack_into(requests[-1], 0, len(requests[-1]), kind, flags | NLM_F_ACK, seq - 1, 0)
+        return _Batch(indices, first, b"".join(requests))
+
+    def _send_batches(self, batches: list[_Batch], what: str) -> dict[int, int]:
+        """Send the batches; the errno of each failed request by entry index."""
         failed: dict[int, int] = {}
-        for start, first, datagram in self._batches(kind, flags, build, entries):
-            self._send(datagram, what)
-            last = first + min(BATCH, len(entries) - start) - 1
-            self._collect(first, last, start, failed, what)
+        for batch in batches:
+            self._send(batch.datagram, what)
+            self._collect(batch, failed, what)
         return failed
 
-    def _collect(self, first: int, last: int, start: int, failed: dict[int, int],
-                 what: str) -> None:
-        """Read the replies to the messages numbered first..last (inputs from `start` on)."""
+    def _collect(self, batch: _Batch, failed: dict[int, int], what: str) -> None:
+        """Read the replies to one batch's messages."""
+        last = batch.first + len(batch.indices) - 1
         while True:
             data = self._recv(what)
             offset = 0
@@ -278,30 +299,41 @@ class Conntrack:
                 length, kind, _, seq, _ = _NLMSGHDR.unpack_from(data, offset)
                 if length < 16 or offset + length > len(data):
                     raise ConntrackError(f"{what}: bad netlink message length {length}")
-                if kind == NLMSG_ERROR and length >= 20 and first <= seq <= last:
+                if kind == NLMSG_ERROR and length >= 20 and batch.first <= seq <= last:
                     code = -_NLMSGERR.unpack_from(data, offset + 16)[0]
                     if code:
-                        failed[start + seq - first] = code
+                        failed[batch.indices[seq - batch.first]] = code
                     if seq == last:
                         return
                 offset += (length + 3) & ~3
 
     def insert(self, entries: Sequence[bytes], *, mark: int | None = None) -> InsertResult:
         """Create copies of dumped entries (with ct mark `mark`, if given); entries that exist
-        already are updated instead. Malformed input raises before anything is sent."""
+        already are updated instead. Entries without protocol state (UPDATE events of TCP
+        connections, mostly) only update: if their connection is missing, they fail with
+        ENOENT. Malformed input raises before anything is sent."""
         if mark is not None:
             _check_u32("mark", mark)
-        failed = self._send_batches(CT_NEW, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL,
-                                    lambda entry: create_request(entry, mark), entries,
-                                    "insert conntrack entries")
-        existing = [index for index, code in failed.items() if code == errno.EEXIST]
+
+        def create(entry: bytes) -> bytearray | None:
+            try:
+                return create_request(entry, mark)
+            except MissingStateError:
+                return None
+
+        batches, update_only = self._batches(
+            CT_NEW, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL, create, entries)
+        failed = self._send_batches(batches, "insert conntrack entries")
+        del batches
+        existing = sorted(update_only + [i for i, code in failed.items() if code == errno.EEXIST])
         update_failed: dict[int, int] = {}
         if existing:
-            updated = self._send_batches(
-                CT_NEW, NLM_F_REQUEST, lambda entry: update_request(entry, mark),
-                [entries[index] for index in existing], "update conntrack entries")
-            update_failed = {existing[position]: code for position, code in updated.items()}
-        result = InsertResult(created=len(entries) - len(failed),
+            updates, _ = self._batches(CT_NEW, NLM_F_REQUEST,
+                                       lambda entry: update_request(entry, mark),
+                                       [entries[index] for index in existing])
+            update_failed = {existing[position]: code for position, code in
+                             self._send_batches(updates, "update conntrack entries").items()}
+        result = InsertResult(created=len(entries) - len(failed) - len(update_only),
                               updated=len(existing) - len(update_failed))
         for index, code in sorted({**failed, **update_failed}.items()):
             if index in update_failed or code != errno.EEXIST:
@@ -311,8 +343,8 @@ class Conntrack:
     def delete(self, entries: Sequence[bytes]) -> int:
         """Delete the entries' connections (by original tuple and zone) and return how many
         existed. Connections already gone are not an error."""
-        failed = self._send_batches(CT_DELETE, NLM_F_REQUEST, delete_request, entries,
-                                    "delete conntrack entries")
+        batches, _ = self._batches(CT_DELETE, NLM_F_REQUEST, delete_request, entries)
+        failed = self._send_batches(batches, "delete conntrack entries")
         errors = {index: code for index, code in failed.items() if code != errno.ENOENT}
         if errors:
             index, code = min(errors.items())
@@ -325,8 +357,9 @@ class Conntrack:
         """Delete every entry (IPv4 and IPv6) with `ct mark & mask == mark`, in the kernel."""
         body = _mark_filter(mark, mask)
         what = f"flush conntrack mark {mark:#x}/{mask:#x}"
-        failed = self._send_batches(CT_DELETE, NLM_F_REQUEST,
-                                    lambda filter_: bytearray(HEADROOM) + filter_, [body], what)
+        batches, _ = self._batches(CT_DELETE, NLM_F_REQUEST,
+                                   lambda filter_: bytearray(HEADROOM) + filter_, [body])
+        failed = self._send_batches(batches, what)
         if failed:
             raise ConntrackError(f"{what}: {os.strerror(failed[0])}")
 

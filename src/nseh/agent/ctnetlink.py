@@ -26,6 +26,8 @@ What the kernel (6.18, checked by experiment) needs to create an exact copy of a
   with nat chains).
 - Attributes that describe the source host or cannot be set are dropped: CTA_ID, CTA_USE,
   counters, timestamps, the security context, masks and filters.
+- CTA_LABELS are kept, but the kernel attaches them only in a namespace whose ruleset uses
+  ct labels; elsewhere it drops them without an error.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 class ConntrackFormatError(ValueError):
     """A conntrack entry (or netlink data) is malformed; the message is one line."""
+
+
+class MissingStateError(ConntrackFormatError):
+    """A TCP, DCCP or SCTP entry without CTA_PROTOINFO, such as most UPDATE events: it can
+    bring an existing connection up to date, but a connection created from it would have no
+    protocol state (the kernel would accept it, with state NONE)."""
 
 
 # include/uapi/linux/netfilter/nfnetlink_conntrack.h
@@ -127,6 +135,7 @@ TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_
 _PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 33: "dccp", 47: "gre", 58: "icmpv6",
                 132: "sctp", 136: "udplite"}
 _PORT_PROTOS = frozenset({6, 17, 33, 132, 136})
+_STATEFUL_PROTOS = frozenset({6, 33, 132})  # their state lives in CTA_PROTOINFO
 _ICMP_PROTOS = frozenset({1, 58})
 
 _NLA_F_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
@@ -402,17 +411,20 @@ def _mark_attr(mark: int) -> bytes:
 class _Recipe:
     """How to turn an entry of one attribute layout into a request."""
 
-    __slots__ = ("check", "expected", "flags_at", "mark_at", "nat_at", "ranges", "reply",
-                 "status_at")
+    __slots__ = ("check", "expected", "flags_at", "mark_at", "nat_at", "proto_at", "ranges",
+                 "reply", "status_at")
 
     def __init__(self, check: struct.Struct, expected: tuple[int, ...],
-                 ranges: list[tuple[int, int]], nat_at: int | None, status_at: int | None,
-                 mark_at: int | None, flags_at: list[int],
+                 ranges: list[tuple[int, int]], nat_at: int | None, proto_at: int | None,
+                 status_at: int | None, mark_at: int | None, flags_at: list[int],
                  reply: tuple[int, int] | None) -> None:
         self.check = check  # unpacks the family byte and every (length, type) header
         self.expected = expected  # what it must find
         self.ranges = ranges  # input byte ranges copied to the output, in order
-        self.nat_at = nat_at  # input offset of the status byte with the NAT bits
+        # Offsets in the input: the status byte with the NAT bits; the protocol number, if
+        # the entry has no CTA_PROTOINFO and is meant to create a connection.
+        self.nat_at = nat_at
+        self.proto_at = proto_at
         # Offsets in the output (after the nlmsghdr headroom):
         self.status_at = status_at  # of the status value
         self.mark_at = mark_at  # of the mark value
@@ -426,12 +438,14 @@ HEADROOM = 16  # requests leave room for the nlmsghdr, which the sender fills in
 class _Purpose:
     """One kind of request built from entries, with its cache of compiled layouts."""
 
-    LIMIT = 64  # layouts kept; hostile input cannot grow the cache beyond this
+    LIMIT = 64  # layouts kept; when full, the cache starts over (hostile input cannot grow
+    # it, nor keep the real layouts out of it for long)
 
     def __init__(self, copy: frozenset[int], required: tuple[int, ...], status_on: int,
-                 status_off: int) -> None:
+                 status_off: int, creates: bool) -> None:
         self.copy = copy  # top-level attributes kept (STATUS and PROTOINFO are patched)
         self.required = required
+        self.creates = creates  # requests create connections: they need protocol state
         # Status bits set and cleared, as byte masks of the value's two low bytes (all the
         # bits involved are below 1 << 16).
         self.status_low = (~status_off & 0xFF, status_on & 0xFF)
@@ -444,9 +458,11 @@ class _Purpose:
             if candidate.check.unpack_from(entry) == candidate.expected:
                 return candidate
         recipe = self._compile(entry)
-        if self.count < self.LIMIT:
-            self.layouts.setdefault(len(entry), []).append(recipe)
-            self.count += 1
+        if self.count >= self.LIMIT:
+            self.layouts.clear()
+            self.count = 0
+        self.layouts.setdefault(len(entry), []).append(recipe)
+        self.count += 1
         return recipe
 
     def _compile(self, entry: bytes) -> _Recipe:
@@ -491,19 +507,41 @@ class _Purpose:
                                     "CTA_PROTOINFO_TCP: flags attribute is not 2 bytes")
                             flags_at.append(at + value_start - start)
             out += padded - header
+        proto_at = None
+        if self.creates and CTA_PROTOINFO not in attrs:
+            proto_at = self._protocol_number(entry, attrs[CTA_TUPLE_ORIG], headers)
         fmt = ["=B"]
         position = 1
         for header in sorted(headers):
             fmt.append(f"{header - position}xHH")
             position = header + 4
         check = struct.Struct("".join(fmt))
-        return _Recipe(check, check.unpack_from(entry), ranges, nat_at, status_at, mark_at,
-                       flags_at, reply)
+        return _Recipe(check, check.unpack_from(entry), ranges, nat_at, proto_at, status_at,
+                       mark_at, flags_at, reply)
+
+    @staticmethod
+    def _protocol_number(entry: bytes, orig: tuple[int, int], headers: list[int]) -> int:
+        """Offset of the original tuple's protocol number; the headers walked to find it are
+        added to `headers`, so that the offset holds for every entry of the layout."""
+        parts = _walk(entry, orig[0], orig[1], "CTA_TUPLE_ORIG")
+        proto = parts.get(CTA_TUPLE_PROTO)
+        if proto is None:
+            raise ConntrackFormatError("CTA_TUPLE_ORIG: tuple lacks protocol")
+        fields = _walk(entry, proto[0], proto[1], "CTA_TUPLE_ORIG protocol")
+        number = fields.get(CTA_PROTO_NUM)
+        if number is None or number[1] - number[0] != 1:
+            raise ConntrackFormatError("CTA_TUPLE_ORIG: missing or bad protocol number")
+        headers += [start - 4 for start, _ in (*parts.values(), *fields.values())]
+        return number[0]
 
     def request(self, entry: bytes, mark: int | None) -> tuple[bytearray, _Recipe]:
         """The request for `entry`, after HEADROOM bytes: the kept attributes, status bits set
         and cleared, TCP flag masks set, the mark replaced or added if given."""
         recipe = self.recipe(entry)
+        if recipe.proto_at is not None and entry[recipe.proto_at] in _STATEFUL_PROTOS:
+            name = _PROTO_NAMES[entry[recipe.proto_at]]
+            raise MissingStateError(f"{name} entry without CTA_PROTOINFO: no state to create "
+                                    "a connection with")
         body = bytearray(HEADROOM)
         for start, stop in recipe.ranges:
             body += entry[start:stop]
@@ -529,11 +567,11 @@ class _Purpose:
 # Creation: the kernel wants CONFIRMED and refuses EXPECTED and DYING; the other unchangeable
 # bits are ignored by the kernel, and kept out for clarity.
 _CREATE = _Purpose(_CREATE_COPY, (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_TIMEOUT),
-                   IPS_CONFIRMED, _UNCHANGEABLE)
+                   IPS_CONFIRMED, _UNCHANGEABLE, creates=True)
 # Update: the entry in the table is confirmed (and EXPECTED, if created with a master).
 _UPDATE = _Purpose(_UPDATE_COPY, (CTA_TUPLE_ORIG,), IPS_CONFIRMED,
-                   _UNCHANGEABLE & ~IPS_EXPECTED)
-_DELETE = _Purpose(_DELETE_COPY, (CTA_TUPLE_ORIG,), 0, 0)
+                   _UNCHANGEABLE & ~IPS_EXPECTED, creates=False)
+_DELETE = _Purpose(_DELETE_COPY, (CTA_TUPLE_ORIG,), 0, 0, creates=False)
 _NAT_BITS = IPS_SRC_NAT | IPS_DST_NAT
 
 
