@@ -35,6 +35,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -74,6 +75,7 @@ CTA_SYNPROXY = 24
 
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
+CTA_TUPLE_ZONE = 3
 CTA_IP_V4_SRC = 1
 CTA_IP_V4_DST = 2
 CTA_IP_V6_SRC = 3
@@ -332,6 +334,85 @@ def entry_addresses(entry: bytes) -> set[IPAddress]:
     """Every address in the original and reply tuples."""
     orig, reply = _tuples(entry, _top(entry))
     return {ipaddress.ip_address(raw) for raw in orig.addresses + reply.addresses}
+
+
+class AddressScope:
+    """Fast check that entries are connections of given addresses, in the default zone.
+
+    The destination of a migration runs it on every received entry, so it compiles each
+    attribute layout once (like the request builder below): the walk validates the entry
+    (duplicates, lengths, address sizes) and records every header it read and where the four
+    tuple addresses sit; further entries of the layout are checked with one `struct` call.
+    """
+
+    LIMIT = 64  # layouts kept, as for requests
+
+    def __init__(self, addresses: Iterable[IPAddress]) -> None:
+        self.allowed = frozenset(address.packed for address in addresses)
+        self.layouts: dict[int, list[tuple[struct.Struct, tuple[int, ...], tuple[int, ...],
+                                           int, int | None]]] = {}
+        self.count = 0
+
+    def reason_to_reject(self, entry: bytes) -> str | None:
+        """None if `entry` is in scope, else why not (one line)."""
+        _, _, offsets, size, zone_at = self._layout(entry)
+        if zone_at is not None and entry[zone_at:zone_at + 2] != b"\0\0":
+            return f"entry in conntrack zone {_BE16.unpack_from(entry, zone_at)[0]}"
+        found = [bytes(entry[at:at + size]) for at in offsets]
+        if self.allowed.isdisjoint(found):
+            shown = ", ".join(sorted({str(ipaddress.ip_address(raw)) for raw in found}))
+            return f"entry of {shown} has none of the allowed addresses"
+        return None
+
+    def _layout(self, entry: bytes) -> tuple[struct.Struct, tuple[int, ...], tuple[int, ...],
+                                             int, int | None]:
+        if not isinstance(entry, bytes | bytearray):
+            raise ConntrackFormatError(f"entry is {type(entry).__name__}, not bytes")
+        for layout in self.layouts.get(len(entry), ()):
+            if layout[0].unpack_from(entry) == layout[1]:
+                return layout
+        layout = self._compile(entry)
+        if self.count >= self.LIMIT:
+            self.layouts.clear()
+            self.count = 0
+        self.layouts.setdefault(len(entry), []).append(layout)
+        self.count += 1
+        return layout
+
+    @staticmethod
+    def _compile(entry: bytes) -> tuple[struct.Struct, tuple[int, ...], tuple[int, ...], int,
+                                        int | None]:
+        _, size, src_attr, dst_attr = _family(entry)
+        attrs = _top(entry)
+        headers = [start - 4 for start, _ in attrs.values()]
+        offsets: list[int] = []
+        for kind, where in ((CTA_TUPLE_ORIG, "CTA_TUPLE_ORIG"),
+                            (CTA_TUPLE_REPLY, "CTA_TUPLE_REPLY")):
+            start, stop = _required(entry, attrs, kind)
+            parts = _walk(entry, start, stop, where)
+            if CTA_TUPLE_ZONE in parts:
+                raise ConntrackFormatError(f"{where}: tuple zones are not migrated")
+            ip = parts.get(CTA_TUPLE_IP)
+            if ip is None:
+                raise ConntrackFormatError(f"{where}: tuple lacks addresses")
+            ips = _walk(entry, ip[0], ip[1], f"{where} addresses")
+            if set(ips) != {src_attr, dst_attr}:
+                raise ConntrackFormatError(f"{where}: addresses missing or of the wrong family")
+            for value_start, value_end in ips.values():
+                if value_end - value_start != size:
+                    raise ConntrackFormatError(f"{where}: address of {value_end - value_start}"
+                                               f" bytes for family {entry[0]}")
+                offsets.append(value_start)
+            headers += [start - 4 for start, _ in (*parts.values(), *ips.values())]
+        zone = attrs.get(CTA_ZONE)
+        fmt = ["=B"]
+        position = 1
+        for header in sorted(headers):
+            fmt.append(f"{header - position}xHH")
+            position = header + 4
+        check = struct.Struct("".join(fmt))
+        return (check, check.unpack_from(entry), tuple(offsets), size,
+                None if zone is None else zone[0])
 
 
 def entry_summary(entry: bytes) -> dict[str, Any]:

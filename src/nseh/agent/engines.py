@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from nseh.agent.conntrack import Conntrack, ConntrackEvents, EventsOverrun, EventType
-from nseh.agent.ctnetlink import ConntrackFormatError, entry_addresses, entry_key, entry_zone
+from nseh.agent.ctnetlink import AddressScope, ConntrackFormatError, entry_key
 from nseh.agent.firewall import Firewall
 from nseh.definition import Policy, VMDefinition
 
@@ -189,21 +189,19 @@ class FirewallEngine:
             ct.flush(vm.mark)
 
     def _in_scope(self, vm: VMScope, entries: list[bytes], result: ApplyResult) -> list[bytes]:
-        """The entries that are the VM's connections: not in a conntrack zone, and with
+        """The entries that are the VM's connections: in the default conntrack zone, with
         one of the VM's addresses in their tuples. Others are rejected and reported."""
+        scope = AddressScope(vm.addresses)
         accepted: list[bytes] = []
-        addresses = vm.addresses
         for entry in entries:
             try:
-                if entry_zone(entry) != 0:
-                    result.reject(1, f"entry in conntrack zone {entry_zone(entry)}")
-                elif addresses.isdisjoint(entry_addresses(entry)):
-                    found = ", ".join(sorted(map(str, entry_addresses(entry))))
-                    result.reject(1, f"entry of {found} is not a connection of {vm.name}")
-                else:
-                    accepted.append(entry)
+                reason = scope.reason_to_reject(entry)
             except ConntrackFormatError as exc:
-                result.reject(1, f"malformed entry: {exc}")
+                reason = f"malformed entry: {exc}"
+            if reason is None:
+                accepted.append(entry)
+            else:
+                result.reject(1, f"{reason} (not a connection of {vm.name})")
         return accepted
 
     def apply(self, vm: VMScope, upserts: list[bytes], deletes: list[bytes],
