@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -31,6 +32,9 @@ vm_app = typer.Typer(help="Start, stop, list VMs and run commands inside them.",
                      no_args_is_help=True)
 app.add_typer(lab_app, name="lab")
 host_app = typer.Typer(help="Ask a host's agent about the host.", no_args_is_help=True)
+pki_app = typer.Typer(help="The cluster CA and the hosts' certificates for the SC channel.",
+                      no_args_is_help=True)
+app.add_typer(pki_app, name="pki")
 app.add_typer(vm_app, name="vm")
 app.add_typer(host_app, name="host")
 
@@ -48,7 +52,7 @@ InventoryOption = Annotated[
 
 
 def fail(message: str) -> NoReturn:
-    err.print(f"[bold red]nseh: error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]nseh: error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -73,7 +77,8 @@ def print_json(data: Any) -> None:
 
 def show_event(event: dict[str, Any]) -> None:
     if "message" in event:
-        err.print(f"  [dim]{event.get('phase') or event.get('step', '')}[/] {event['message']}",
+        err.print(f"  [dim]{event.get('phase') or event.get('step', '')}[/] "
+                  f"{escape(event['message'])}",
                   highlight=False)
 
 
@@ -122,7 +127,7 @@ def show_lab(status: LabStatus, as_json: bool) -> None:
         return
     out.print(f"lab is {status.state}")
     for problem in status.problems:
-        err.print(f"[yellow]problem:[/] {problem}", highlight=False)
+        err.print(f"[yellow]problem:[/] {escape(problem)}", highlight=False)
     if not status.hosts and not status.clients:
         return
     table = Table("node", "namespace", "addresses", "agent")
@@ -203,7 +208,7 @@ def vm_list(inventory: InventoryOption = None, as_json: JsonOption = False) -> N
                           vm["ipv6"] or "", vm["mac"])
         out.print(table)
     for host, why in unreachable.items():
-        err.print(f"[yellow]warning:[/] host {host}: {why}", highlight=False)
+        err.print(f"[yellow]warning:[/] host {host}: {escape(why)}", highlight=False)
 
 
 @vm_app.command("exec", context_settings={"ignore_unknown_options": True})
@@ -255,6 +260,57 @@ def host_counters(host: str, inventory: InventoryOption = None,
         out.print(table)
 
 
+# -- PKI --------------------------------------------------------------------------------
+
+
+@pki_app.command("init")
+def pki_init(directory: Annotated[Path, typer.Argument(help="Where the CA's files go.")],
+             name: Annotated[str, typer.Option(help="The CA's name.")] = "nseh cluster CA"
+             ) -> None:
+    """Create the cluster CA (ca.pem, ca-key.pem, revoked.txt); keep ca-key.pem secret."""
+    from nseh.sc.pki import PkiError, create_ca
+
+    try:
+        ca = create_ca(directory, name=name)
+    except PkiError as exc:
+        fail(str(exc))
+    out.print(f"CA created: {ca.cert_path}")
+
+
+@pki_app.command("issue")
+def pki_issue(
+    host: Annotated[str, typer.Argument(help="Host name (as in the inventory).")],
+    ca_dir: Annotated[Path, typer.Option("--ca", help="The CA's directory.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the host's files go.")],
+    address: Annotated[list[str], typer.Option(help="Management address (repeatable).")],
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+) -> None:
+    """Issue a host's certificate; put the printed paths into its agent configuration."""
+    from nseh.sc.pki import CertAuthority, PkiError, issue_host_certificate
+
+    try:
+        creds = issue_host_certificate(CertAuthority.load(ca_dir), host, address, out_dir,
+                                       valid_days=days)
+    except (PkiError, ValueError) as exc:
+        fail(str(exc))
+    out.print(f'tls_cert = "{creds.cert_path}"\ntls_key = "{creds.key_path}"\n'
+              f'tls_ca = "{creds.ca_path}"\ntls_revoked = "{creds.revoked_path}"')
+
+
+@pki_app.command("revoke")
+def pki_revoke(certificate: Annotated[Path, typer.Argument(help="The certificate (PEM).")],
+               ca_dir: Annotated[Path, typer.Option("--ca", help="The CA's directory.")]
+               ) -> None:
+    """Revoke a host's certificate: agents refuse it on their next SC connection."""
+    from nseh.sc.pki import CertAuthority, PkiError
+
+    try:
+        serial = CertAuthority.load(ca_dir).revoke(certificate)
+    except PkiError as exc:
+        fail(str(exc))
+    out.print(f"revoked serial {serial:#x}; copy {ca_dir / 'revoked.txt'} to every host")
+
+
 # -- migration --------------------------------------------------------------------------
 
 
@@ -284,7 +340,8 @@ def migrate(
                 progress.update(task, completed=figures["ram_transferred"],
                                 total=figures["ram_total"] or None)
             elif "message" in event:
-                progress.console.print(f"  [dim]{event.get('phase', '')}[/] {event['message']}",
+                progress.console.print(f"  [dim]{event.get('phase', '')}[/] "
+                                       f"{escape(event['message'])}",
                                        highlight=False)
 
         report = run(c.migrate(vm, to, sc, on_event=on_event, abort_at=abort_at))
@@ -326,7 +383,7 @@ def show_report(report: dict[str, Any]) -> None:
         table.add_row(name, str(value))
     out.print(table)
     for reason in (sc or {}).get("reasons", []):
-        err.print(f"[yellow]rejected:[/] {reason}", highlight=False)
+        err.print(f"[yellow]rejected:[/] {escape(reason)}", highlight=False)
 
 
 # -- demo and agent ---------------------------------------------------------------------

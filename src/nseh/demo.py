@@ -57,7 +57,7 @@ async def _migrate_with_flows(cluster: Cluster, console: Console, sc_mode: str,
         before = await cluster.call(destination, "firewall.counters")
         report = await cluster.migrate(
             DEMO_VM.name, destination, sc_mode,
-            on_event=lambda e: console.print(f"  [dim]{e['phase']}[/] {e['message']}")
+            on_event=lambda e: console.print(f"  [dim]{e['phase']}[/] {escape(e['message'])}")
             if "message" in e and "phase" in e else None)
         await asyncio.sleep(SETTLE_SECONDS)
         after = await cluster.call(destination, "firewall.counters")
