@@ -360,10 +360,11 @@ def test_layout_cache_gives_what_a_fresh_walk_gives(sample: bytes,
 
 def test_layout_cache_is_bounded() -> None:
     purpose = create_purpose()
-    for size in range(purpose.LIMIT + 10):  # as many layouts: labels of growing length
+    cache = purpose.recipes
+    for size in range(cache.LIMIT + 10):  # as many layouts: labels of growing length
         purpose.request(make_entry("10.0.0.1", "10.0.0.2", "udp", 1, 2)
                         + _attr(ctnetlink.CTA_LABELS, b"\1" * (4 + 4 * size)), None)
-    assert 0 < purpose.count <= purpose.LIMIT
+    assert 0 < cache.count <= cache.LIMIT
 
 
 # ---------------------------------------------------------------------------------------------

@@ -152,7 +152,23 @@ def _mark_filter(mark: int, mask: int) -> bytes:
     return _NFGEN_UNSPEC + _attr_u32(CTA_MARK, mark) + _attr_u32(CTA_MARK_MASK, mask)
 
 
-class Conntrack:
+class _NetlinkSocketOwner:
+    """Owns `_sock`: closed by close() or at the end of a `with` block."""
+
+    _sock: socket.socket
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+
+class Conntrack(_NetlinkSocketOwner):
     """The conntrack table of the network namespace this object was created in."""
 
     def __init__(self, *, rcvbuf: int = 8 << 20, timeout: float = 30.0) -> None:
@@ -165,15 +181,6 @@ class Conntrack:
         self._sock.settimeout(timeout)
         self._seq = 0
 
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self.close()
 
     def _next_seq(self, count: int) -> int:
         """The first of `count` consecutive fresh sequence numbers."""
@@ -364,7 +371,7 @@ class Conntrack:
             raise ConntrackError(f"{what}: {os.strerror(failed[0])}")
 
 
-class ConntrackEvents:
+class ConntrackEvents(_NetlinkSocketOwner):
     """A subscription to the conntrack NEW, UPDATE and DESTROY events of the network namespace
     it was created in. Non-blocking: poll `fileno()` (e.g. asyncio `add_reader`), then call
     `read_pending`. Overflow is reported (`EventsOverrun`), never silently skipped: the socket
@@ -390,15 +397,6 @@ class ConntrackEvents:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self.close()
 
     def read_pending(self, mark: int) -> list[tuple[EventType, bytes]]:
         """The queued events of entries with ct mark `mark`, oldest first, as (type, entry).

@@ -35,10 +35,11 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+T = TypeVar("T")
 
 
 class ConntrackFormatError(ValueError):
@@ -336,6 +337,53 @@ def entry_addresses(entry: bytes) -> set[IPAddress]:
     return {ipaddress.ip_address(raw) for raw in orig.addresses + reply.addresses}
 
 
+class _LayoutCache(Generic[T]):
+    """Per-layout compiled data, found again for further entries by one `struct` call.
+
+    Entries dumped by one kernel come in a handful of attribute layouts. `compile` walks an
+    entry once, validates it and returns (check, expected, data): `check` unpacks every
+    header the walk read, `expected` is what it found. An entry of the same length whose
+    headers unpack to `expected` has the same layout, so `data` (offsets, ranges) holds.
+    """
+
+    LIMIT = 64  # layouts kept; when full, the cache starts over (hostile input cannot grow
+    # it, nor keep the real layouts out of it for long)
+
+    def __init__(self, compile: Callable[[bytes], tuple[struct.Struct, tuple[int, ...], T]]
+                 ) -> None:
+        self.compile = compile
+        self.layouts: dict[int, list[tuple[struct.Struct, tuple[int, ...], T]]] = {}
+        self.count = 0
+
+    def lookup(self, entry: bytes) -> T:
+        for check, expected, data in self.layouts.get(len(entry), ()):
+            if check.unpack_from(entry) == expected:
+                return data
+        layout = self.compile(entry)
+        if self.count >= self.LIMIT:
+            self.layouts.clear()
+            self.count = 0
+        self.layouts.setdefault(len(entry), []).append(layout)
+        self.count += 1
+        return layout[2]
+
+
+def _header_check(entry: bytes, headers: list[int]) -> tuple[struct.Struct, tuple[int, ...]]:
+    """A struct reading the family byte and the (length, type) of every header at the given
+    offsets, and what it reads from `entry`."""
+    fmt = ["=B"]
+    position = 1
+    for header in sorted(headers):
+        fmt.append(f"{header - position}xHH")
+        position = header + 4
+    check = struct.Struct("".join(fmt))
+    return check, check.unpack_from(entry)
+
+
+# Where a layout's four tuple addresses sit, their size, and where its zone id sits (if any).
+_ScopeLayout = tuple[tuple[int, ...], int, int | None]
+
+
 class AddressScope:
     """Fast check that entries are connections of given addresses, in the default zone.
 
@@ -345,17 +393,15 @@ class AddressScope:
     tuple addresses sit; further entries of the layout are checked with one `struct` call.
     """
 
-    LIMIT = 64  # layouts kept, as for requests
-
     def __init__(self, addresses: Iterable[IPAddress]) -> None:
         self.allowed = frozenset(address.packed for address in addresses)
-        self.layouts: dict[int, list[tuple[struct.Struct, tuple[int, ...], tuple[int, ...],
-                                           int, int | None]]] = {}
-        self.count = 0
+        self.layouts: _LayoutCache[_ScopeLayout] = _LayoutCache(self._compile)
 
     def reason_to_reject(self, entry: bytes) -> str | None:
         """None if `entry` is in scope, else why not (one line)."""
-        _, _, offsets, size, zone_at = self._layout(entry)
+        if not isinstance(entry, bytes | bytearray):
+            raise ConntrackFormatError(f"entry is {type(entry).__name__}, not bytes")
+        offsets, size, zone_at = self.layouts.lookup(entry)
         if zone_at is not None and entry[zone_at:zone_at + 2] != b"\0\0":
             return f"entry in conntrack zone {_BE16.unpack_from(entry, zone_at)[0]}"
         found = [bytes(entry[at:at + size]) for at in offsets]
@@ -364,24 +410,8 @@ class AddressScope:
             return f"entry of {shown} has none of the allowed addresses"
         return None
 
-    def _layout(self, entry: bytes) -> tuple[struct.Struct, tuple[int, ...], tuple[int, ...],
-                                             int, int | None]:
-        if not isinstance(entry, bytes | bytearray):
-            raise ConntrackFormatError(f"entry is {type(entry).__name__}, not bytes")
-        for layout in self.layouts.get(len(entry), ()):
-            if layout[0].unpack_from(entry) == layout[1]:
-                return layout
-        layout = self._compile(entry)
-        if self.count >= self.LIMIT:
-            self.layouts.clear()
-            self.count = 0
-        self.layouts.setdefault(len(entry), []).append(layout)
-        self.count += 1
-        return layout
-
     @staticmethod
-    def _compile(entry: bytes) -> tuple[struct.Struct, tuple[int, ...], tuple[int, ...], int,
-                                        int | None]:
+    def _compile(entry: bytes) -> tuple[struct.Struct, tuple[int, ...], _ScopeLayout]:
         _, size, src_attr, dst_attr = _family(entry)
         attrs = _top(entry)
         headers = [start - 4 for start, _ in attrs.values()]
@@ -405,14 +435,8 @@ class AddressScope:
                 offsets.append(value_start)
             headers += [start - 4 for start, _ in (*parts.values(), *ips.values())]
         zone = attrs.get(CTA_ZONE)
-        fmt = ["=B"]
-        position = 1
-        for header in sorted(headers):
-            fmt.append(f"{header - position}xHH")
-            position = header + 4
-        check = struct.Struct("".join(fmt))
-        return (check, check.unpack_from(entry), tuple(offsets), size,
-                None if zone is None else zone[0])
+        return (*_header_check(entry, headers),
+                (tuple(offsets), size, None if zone is None else zone[0]))
 
 
 def entry_summary(entry: bytes) -> dict[str, Any]:
@@ -492,15 +516,11 @@ def _mark_attr(mark: int) -> bytes:
 class _Recipe:
     """How to turn an entry of one attribute layout into a request."""
 
-    __slots__ = ("check", "expected", "flags_at", "mark_at", "nat_at", "proto_at", "ranges",
-                 "reply", "status_at")
+    __slots__ = ("flags_at", "mark_at", "nat_at", "proto_at", "ranges", "reply", "status_at")
 
-    def __init__(self, check: struct.Struct, expected: tuple[int, ...],
-                 ranges: list[tuple[int, int]], nat_at: int | None, proto_at: int | None,
+    def __init__(self, ranges: list[tuple[int, int]], nat_at: int | None, proto_at: int | None,
                  status_at: int | None, mark_at: int | None, flags_at: list[int],
                  reply: tuple[int, int] | None) -> None:
-        self.check = check  # unpacks the family byte and every (length, type) header
-        self.expected = expected  # what it must find
         self.ranges = ranges  # input byte ranges copied to the output, in order
         # Offsets in the input: the status byte with the NAT bits; the protocol number, if
         # the entry has no CTA_PROTOINFO and is meant to create a connection.
@@ -519,9 +539,6 @@ HEADROOM = 16  # requests leave room for the nlmsghdr, which the sender fills in
 class _Purpose:
     """One kind of request built from entries, with its cache of compiled layouts."""
 
-    LIMIT = 64  # layouts kept; when full, the cache starts over (hostile input cannot grow
-    # it, nor keep the real layouts out of it for long)
-
     def __init__(self, copy: frozenset[int], required: tuple[int, ...], status_on: int,
                  status_off: int, creates: bool) -> None:
         self.copy = copy  # top-level attributes kept (STATUS and PROTOINFO are patched)
@@ -531,22 +548,12 @@ class _Purpose:
         # bits involved are below 1 << 16).
         self.status_low = (~status_off & 0xFF, status_on & 0xFF)
         self.status_mid = (~status_off >> 8 & 0xFF, status_on >> 8 & 0xFF)
-        self.layouts: dict[int, list[_Recipe]] = {}  # by entry length
-        self.count = 0
+        self.recipes: _LayoutCache[_Recipe] = _LayoutCache(self._compile)
 
     def recipe(self, entry: bytes) -> _Recipe:
-        for candidate in self.layouts.get(len(entry), ()):
-            if candidate.check.unpack_from(entry) == candidate.expected:
-                return candidate
-        recipe = self._compile(entry)
-        if self.count >= self.LIMIT:
-            self.layouts.clear()
-            self.count = 0
-        self.layouts.setdefault(len(entry), []).append(recipe)
-        self.count += 1
-        return recipe
+        return self.recipes.lookup(entry)
 
-    def _compile(self, entry: bytes) -> _Recipe:
+    def _compile(self, entry: bytes) -> tuple[struct.Struct, tuple[int, ...], _Recipe]:
         """Walk and validate an entry; derive the recipe for its layout."""
         _family(entry)
         attrs = _top(entry)
@@ -591,14 +598,9 @@ class _Purpose:
         proto_at = None
         if self.creates and CTA_PROTOINFO not in attrs:
             proto_at = self._protocol_number(entry, attrs[CTA_TUPLE_ORIG], headers)
-        fmt = ["=B"]
-        position = 1
-        for header in sorted(headers):
-            fmt.append(f"{header - position}xHH")
-            position = header + 4
-        check = struct.Struct("".join(fmt))
-        return _Recipe(check, check.unpack_from(entry), ranges, nat_at, proto_at, status_at,
-                       mark_at, flags_at, reply)
+        check, expected = _header_check(entry, headers)
+        return check, expected, _Recipe(ranges, nat_at, proto_at, status_at, mark_at,
+                                        flags_at, reply)
 
     @staticmethod
     def _protocol_number(entry: bytes, orig: tuple[int, int], headers: list[int]) -> int:
