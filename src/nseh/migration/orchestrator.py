@@ -172,14 +172,25 @@ class SourceMigration:
                         if outcome == QemuOutcome.PRE_SWITCHOVER:
                             await self._switchover(qmp)
                         elif outcome in (QemuOutcome.COMPLETED, QemuOutcome.FAILED):
-                            info = await qmp.execute("query-migrate")
-                            assert isinstance(info, dict)
+                            info = await self._final_figures(qmp)
                             self.final_info = info
                             if outcome == QemuOutcome.FAILED:
                                 raise MigrationFailed(
                                     f"QEMU migration {info.get('status')}: "
                                     f"{info.get('error-desc', 'no reason given')}")
                             return
+
+    @staticmethod
+    async def _final_figures(qmp: QMPClient) -> dict[str, Any]:
+        """QEMU's final `query-migrate`. QEMU announces `completed` before it has computed
+        the total time and downtime, so ask again until they are there (briefly)."""
+        for _ in range(50):
+            info = await qmp.execute("query-migrate")
+            assert isinstance(info, dict)
+            if info.get("status") != "completed" or info.get("total-time"):
+                break
+            await asyncio.sleep(0.01)
+        return info
 
     async def _tick(self, qmp: QMPClient, setup_deadline: float) -> dict[str, Any]:
         """Between QEMU events: progress, the setup deadline, a pre-copy SC round."""
