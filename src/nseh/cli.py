@@ -386,6 +386,51 @@ def show_report(report: dict[str, Any]) -> None:
         err.print(f"[yellow]rejected:[/] {escape(reason)}", highlight=False)
 
 
+# -- benchmark --------------------------------------------------------------------------
+
+
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="Small matrix (sizes 0,10000; idle,http; 2 reps; micro-benchmark at "
+                        "10,000): under 10 minutes.")] = False,
+    reps: Annotated[int | None, typer.Option(help="Repetitions per cell (full: 5).")] = None,
+    sizes: Annotated[str | None, typer.Option(
+        help="SC sizes in entries (full: 0,1000,10000,100000).")] = None,
+    workloads: Annotated[str | None, typer.Option(
+        help="Workloads: idle,http,memory (full: all).")] = None,
+    modes: Annotated[str | None, typer.Option(
+        help="SC modes: none,stopcopy,precopy (default: all).")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Output directory (default: bench/results/<UTC timestamp>).")] = None,
+    no_microbench: Annotated[bool, typer.Option(
+        "--no-microbench", help="Skip the SC fast-path micro-benchmark.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Benchmark real migrations on its own lab (needs root): downtime and cost of the SC."""
+    import os
+
+    from nseh import lab
+    from nseh.bench.matrix import BenchConfigError, configure
+    from nseh.bench.runner import BenchError, run_bench, show_summary
+
+    try:
+        config = configure(quick=quick, sizes=sizes, workloads=workloads, modes=modes,
+                           reps=reps, microbench=not no_microbench, out=out_dir)
+    except BenchConfigError as exc:
+        fail(str(exc))
+    if os.geteuid() != 0:
+        fail("nseh bench needs root (it builds the lab: namespaces, QEMU, nftables)")
+    try:
+        out_path, summary = run_bench(config, err)
+    except (BenchError, lab.LabError, AgentError) as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(summary)
+    else:
+        show_summary(out, summary, out_path)
+
+
 # -- demo and agent ---------------------------------------------------------------------
 
 

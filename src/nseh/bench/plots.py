@@ -1,0 +1,93 @@
+"""The benchmark's figures (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # after use(): the backend must be chosen first
+from matplotlib.ticker import LogLocator, NullLocator, ScalarFormatter
+
+MODE_STYLE = {"none": ("tab:gray", "o"), "stopcopy": ("tab:red", "s"),
+              "precopy": ("tab:blue", "^")}
+
+
+def _zero_position(sizes: list[int]) -> float:
+    """Where SC size 0 goes on the log axis: a decade left of the smallest non-zero size."""
+    positive = [s for s in sizes if s > 0]
+    return min(positive) / 10 if positive else 1.0
+
+
+def downtime_vs_size(cells: list[dict[str, Any]], path: Path) -> None:
+    """QEMU downtime (median, min-max bars) against SC size, one panel per workload."""
+    workloads = list(dict.fromkeys(c["workload"] for c in cells))
+    sizes = sorted({c["size"] for c in cells})
+    zero = _zero_position(sizes)
+    figure, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4),
+                                squeeze=False, sharey=True)
+    for ax, workload in zip(axes[0], workloads, strict=True):
+        for mode, (color, marker) in MODE_STYLE.items():
+            points = sorted((c["size"], c["downtime_ms"]) for c in cells
+                            if c["workload"] == workload and c["mode"] == mode
+                            and c["downtime_ms"])
+            if not points:
+                continue
+            xs = [size or zero for size, _ in points]
+            medians = [d["median"] for _, d in points]
+            errors = [[d["median"] - d["min"] for _, d in points],
+                      [d["max"] - d["median"] for _, d in points]]
+            ax.errorbar(xs, medians, yerr=errors, color=color, marker=marker, capsize=3,
+                        label=mode)
+        ax.set_xscale("log")
+        # Log y too: stopcopy's downtime grows to ~1 s while the others stay at tens of ms.
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xticks([size or zero for size in sizes],
+                      [f"{size:,}" for size in sizes])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.set_title(f"workload: {workload}")
+        ax.set_xlabel("SC size (conntrack entries of the VM; log, 0 at the left)")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("QEMU downtime (ms, log), median and min-max")
+    axes[0][0].legend(title="--sc")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def sc_rates(microbench: dict[str, Any], path: Path) -> None:
+    """Dump and insert rates of nseh's fast path vs `conntrack -L` and pyroute2."""
+    runs = [r for r in microbench.get("runs", []) if "error" not in r]
+    bars = (("nseh dump", lambda r: r["nseh_dump"]["per_s"], "tab:blue"),
+            ("conntrack -L", lambda r: r["conntrack_cli_dump"]["per_s"], "tab:gray"),
+            ("pyroute2 dump", lambda r: _pyroute2(r, "dump"), "tab:olive"),
+            ("nseh insert", lambda r: r["nseh_insert"]["per_s"], "tab:cyan"),
+            ("pyroute2 insert", lambda r: _pyroute2(r, "insert"), "tab:brown"))
+    figure, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(bars)
+    for index, (label, rate, color) in enumerate(bars):
+        xs = [position + (index - (len(bars) - 1) / 2) * width for position in range(len(runs))]
+        values = [rate(run) for run in runs]
+        ax.bar(xs, values, width, label=label, color=color)
+        for x, value in zip(xs, values, strict=True):
+            ax.annotate(f"{value / 1000:.0f}k" if value >= 10_000 else f"{value / 1000:.1f}k",
+                        (x, value), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(runs)), [f"{run['entries']:,} entries" for run in runs])
+    ax.set_yscale("log")
+    ax.set_ylabel("entries per second (log scale)")
+    ax.set_title("SC fast path: conntrack dump and insert rates")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    ax.grid(True, axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _pyroute2(run: dict[str, Any], step: str) -> float:
+    """pyroute2's rate for `step`; ctbench names the key after its sample size."""
+    return float(next(v for k, v in run.items() if k.startswith(f"pyroute2_{step}_per_s")))

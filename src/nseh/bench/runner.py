@@ -1,0 +1,299 @@
+"""Runs the benchmark: its own lab, one VM, the matrix of real migrations, the outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from nseh import lab
+from nseh.api.client import AgentError
+from nseh.bench import plots
+from nseh.bench.matrix import BenchConfig, PlannedMigration, plan
+from nseh.bench.report import Sample, span, summarize, to_markdown, write_samples
+from nseh.bench.workloads import (
+    MEMORY_START,
+    MEMORY_STOP,
+    PROBE_CLIENT,
+    HttpLoad,
+    probe_flow_args,
+    top_up_sc,
+)
+from nseh.cluster import Cluster
+from nseh.demo import DEMO_VM
+from nseh.inventory import Inventory
+from nseh.lab.layout import namespace_of
+from nseh.lab.probe import Probe
+
+VM = DEMO_VM
+VM4 = str(VM.network.ipv4.ip) if VM.network.ipv4 else None
+VM6 = str(VM.network.ipv6.ip) if VM.network.ipv6 else None
+HOSTS = ("h1", "h2")
+# wrk's connections exist (and have entries) before the SC is topped up and QEMU starts.
+HTTP_WARMUP = 1.0
+# After a migration, longer than the probe's stall limit (2 s), so a dead flow reads as dead.
+SETTLE = 3.0
+MICROBENCH_TIMEOUT = 900
+GUEST_TIMEOUT, GUEST_ATTEMPTS = 20, 2  # the guest commands take well under a second
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot go on; the message is one line."""
+
+
+def default_out() -> Path:
+    return Path("bench/results") / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def run_bench(config: BenchConfig, console: Console) -> tuple[Path, dict[str, Any]]:
+    """Run the whole benchmark; write its outputs; return where, and the summary.
+
+    Migration failures are samples. A failure of the benchmark itself (the VM lost, a
+    workload that cannot run) stops it: the samples so far are still written, then
+    BenchError is raised.
+    """
+    out = config.out or default_out()
+    if out.exists() and any(out.iterdir()):
+        raise BenchError(f"--out {out} is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    started, started_utc = time.monotonic(), datetime.now(UTC).isoformat(timespec="seconds")
+    samples: list[Sample] = []
+    info: dict[str, Any] = {}
+    stopped: str | None = None
+    lab.down()  # leftovers of an earlier, killed run
+    # Before the lab exists, so the VM's vCPU does not share the CPUs with it.
+    microbench = run_microbench(config.microbench_sizes, console)
+    try:
+        with console.status("creating the lab (2 hosts, 2 clients)"):
+            lab.up(hosts=2, clients=2)
+        try:
+            asyncio.run(_run_matrix(Cluster(Inventory.find()), config, samples, info, console))
+        except (BenchError, AgentError) as exc:
+            stopped = str(exc)
+    finally:
+        with console.status("removing the lab"):
+            lab.down()
+    info.update(started_utc=started_utc, wall_s=round(time.monotonic() - started),
+                sizes=list(config.sizes), workloads=list(config.workloads),
+                modes=list(config.modes), reps=config.reps, stopped_early=stopped,
+                machine=f"{os.cpu_count()} CPUs, kernel {os.uname().release}, "
+                        f"guest accel {info.get('accel', '?')}")
+    summary = summarize(samples, microbench=microbench, run_info=info)
+    write_outputs(out, samples, summary)
+    if stopped:
+        raise BenchError(f"{stopped}; stopped after {len(samples)} migrations, "
+                         f"results so far in {out}")
+    return out, summary
+
+
+def write_outputs(out: Path, samples: list[Sample], summary: dict[str, Any]) -> None:
+    write_samples(samples, out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "summary.md").write_text(to_markdown(summary))
+    if any(c["downtime_ms"] for c in summary["cells"]):
+        plots.downtime_vs_size(summary["cells"], out / "downtime_vs_size.png")
+    if microbench := summary["microbench"]:
+        (out / "microbench.json").write_text(json.dumps(microbench, indent=1) + "\n")
+        if any("error" not in run for run in microbench["runs"]):
+            plots.sc_rates(microbench, out / "sc_rate.png")
+
+
+def run_microbench(sizes: tuple[int, ...], console: Console) -> dict[str, Any] | None:
+    """`python -m nseh.agent.ctbench` per size. It makes its own namespaces (nsehtest-ctbench*),
+    which the lab's (nseh-*) never clash with. A failed run is recorded, not raised."""
+    if not sizes:
+        return None
+    runs: list[dict[str, Any]] = []
+    for size in sizes:
+        with console.status(f"SC fast-path micro-benchmark, {size:,} entries"):
+            result = subprocess.run(
+                [sys.executable, "-m", "nseh.agent.ctbench", "--entries", str(size)],
+                capture_output=True, text=True, timeout=MICROBENCH_TIMEOUT, check=False)
+        if result.returncode == 0:
+            runs.append(json.loads(result.stdout))
+        else:
+            runs.append({"entries": size, "error": result.stderr.strip()[-300:]})
+    return {"runs": runs}
+
+
+async def _run_matrix(cluster: Cluster, config: BenchConfig, samples: list[Sample],
+                      info: dict[str, Any], console: Console) -> None:
+    with console.status(f"booting {VM.name} on h1"):
+        vm = await cluster.call("h1", "vm.start", {"definition": VM.to_json()}, timeout=900)
+    info["accel"] = vm.get("accel")
+    # One unrecorded migration first: a host's first incoming VM pays one-off costs (the
+    # guest image prepared there) that would otherwise land in the first sample.
+    with console.status("warm-up migration h1 -> h2 (not recorded)"):
+        warm_up = await cluster.migrate(VM.name, "h2", "none")
+    if warm_up["result"] != "migrated":
+        raise BenchError(f"the warm-up migration failed: {warm_up['failure']}")
+    planned = plan(config)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("migrations", total=len(planned))
+        workload = None
+        synthetic_high = 0  # most synthetic entries any top-up added: the ones to clear
+        for item in planned:
+            if item.workload != workload:
+                if workload == "memory":
+                    await _guest(cluster, MEMORY_STOP)
+                if item.workload == "memory":
+                    await _guest(cluster, MEMORY_START)
+                workload = item.workload
+            progress.update(task, description=f"{item.workload} | {item.size:,} entries | "
+                                              f"rep {item.rep}/{config.reps} | {item.mode}")
+            sample = await measure(cluster, item, synthetic_high)
+            synthetic_high = max(synthetic_high, sample.synthetic_entries or 0)
+            samples.append(sample)
+            progress.console.print(escape(describe(sample)), highlight=False)
+            progress.advance(task)
+
+
+async def _guest(cluster: Cluster, command: str) -> None:
+    """Run an idempotent guest command; retried once, as the serial command channel can
+    lose a request after many migrations (seen once in 120: the exec timed out)."""
+    for attempt in range(GUEST_ATTEMPTS):
+        host = await cluster.locate(VM.name)
+        try:
+            result = await cluster.call(
+                host, "vm.exec", {"name": VM.name, "command": command,
+                                  "timeout": GUEST_TIMEOUT}, timeout=GUEST_TIMEOUT + 10)
+            break
+        except AgentError:
+            if attempt == GUEST_ATTEMPTS - 1:
+                raise
+    if result["exit_code"] != 0:
+        raise BenchError(f"guest command failed ({result['exit_code']}): "
+                         f"{result['output'].strip()[-200:]}")
+
+
+async def _mark(cluster: Cluster, host: str) -> int:
+    vms = await cluster.call(host, "vm.list", timeout=10)
+    return int(next(v["mark"] for v in vms if v["name"] == VM.name))
+
+
+async def measure(cluster: Cluster, item: PlannedMigration, clear: int) -> Sample:
+    """One migration of the VM to the other host under the item's workload and SC size."""
+    source = await cluster.locate(VM.name)
+    destination = next(h for h in HOSTS if h != source)
+    sample = Sample(workload=item.workload, size=item.size, mode=item.mode, rep=item.rep,
+                    order=item.order, direction=f"{source}->{destination}",
+                    started_utc=datetime.now(UTC).isoformat(timespec="milliseconds"),
+                    result="failed")
+    assert VM4 is not None and VM6 is not None
+    probe = Probe(namespace_of(PROBE_CLIENT), probe_flow_args(VM4, VM6))
+    http: HttpLoad | None = None
+    try:
+        if not await asyncio.to_thread(probe.wait_ready):
+            raise BenchError(f"the probe's flows could not reach {VM.name} on {source}")
+        if item.workload == "http":
+            http = HttpLoad(f"http://{VM4}/")
+            await asyncio.sleep(HTTP_WARMUP)
+        try:
+            counts = await asyncio.to_thread(top_up_sc, source, await _mark(cluster, source),
+                                             item.size, clear, VM4, VM6)
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from None
+        sample.live_entries, sample.synthetic_entries = counts["live"], counts["added"]
+        try:
+            record_report(sample, await cluster.migrate(VM.name, destination, item.mode))
+        except AgentError as exc:
+            sample.failure = str(exc)
+        await asyncio.sleep(SETTLE)
+        if http is not None:
+            try:
+                _record_http(sample, await asyncio.to_thread(http.finish))
+            except RuntimeError as exc:
+                raise BenchError(str(exc)) from None
+        _record_flows(sample, await asyncio.to_thread(probe.finish))
+    finally:
+        probe.kill()
+        if http is not None:
+            http.kill()
+    try:
+        sample.vm_host_after = await cluster.locate(VM.name)
+    except AgentError as exc:
+        raise BenchError(f"after migrating {source} -> {destination} ({item.mode}, "
+                         f"{sample.result}): {exc}") from None
+    return sample
+
+
+def record_report(sample: Sample, report: dict[str, Any]) -> None:
+    qemu = report["qemu"]
+    sample.result, sample.failure = report["result"], report.get("failure")
+    # A completed migration never takes 0 ms: QEMU answered query-migrate before it had
+    # computed its times (seen right after the "completed" event). Missing, not zero.
+    if qemu["total_time_ms"]:
+        sample.downtime_ms, sample.total_time_ms = qemu["downtime_ms"], qemu["total_time_ms"]
+        sample.setup_time_ms = qemu["setup_time_ms"]
+    sample.ram_transferred_bytes = qemu["ram_transferred_bytes"]
+    sample.dirty_sync_count = qemu["dirty_sync_count"]
+    sample.wall_ms = report.get("elapsed_ms")
+    if sc := report.get("sc"):
+        sample.sc_entries, sample.sc_bytes, sample.sc_rounds = (
+            sc["entries"], sc["bytes"], sc["rounds"])
+        sample.sc_final_delta, sample.sc_stop_window_ms = sc["final_delta"], sc["stop_window_ms"]
+        sample.sc_rejected = sc["rejected"]
+        sample.sc_reasons = "; ".join(sc["reasons"]) or None
+        sample.sc_destination_entries = sc["destination_entries"]
+
+
+def _record_http(sample: Sample, figures: dict[str, Any]) -> None:
+    sample.http_requests = figures["requests"]
+    sample.http_requests_per_s = figures["requests_per_s"]
+    sample.http_errors = sum(figures[k] for k in ("connect_errors", "read_errors",
+                                                  "write_errors", "status_errors"))
+    sample.http_timeouts = figures["timeouts"]
+    sample.http_latency_max_ms = round(figures["latency_max_us"] / 1000, 1)
+
+
+def _record_flows(sample: Sample, flows: list[dict[str, Any]]) -> None:
+    gaps = [float(f["longest_gap_ms"]) for f in flows if f["kind"] == "tcp"]
+    sample.longest_tcp_gap_ms = max(gaps) if gaps else None
+    sample.flows = len(flows)
+    sample.flows_survived = sum(bool(f["alive"]) for f in flows)
+    sample.flows_broken = sample.flows - sample.flows_survived
+
+
+def describe(sample: Sample) -> str:
+    """One line per migration for the progress log."""
+    head = (f"{sample.workload} {sample.size:,} rep {sample.rep} {sample.mode:8} "
+            f"{sample.direction}: {sample.result}")
+    if not sample.ok:
+        return f"{head} ({sample.failure})"
+    stop = (f", SC {sample.sc_stop_window_ms:.1f} ms in stop window"
+            if sample.sc_stop_window_ms is not None else "")
+    return (f"{head}, downtime {sample.downtime_ms} ms, total {sample.total_time_ms} ms, "
+            f"wall {sample.wall_ms} ms{stop}, entries {sample.live_entries} live + "
+            f"{sample.synthetic_entries}, flows {sample.flows_survived}/{sample.flows}, "
+            f"longest TCP gap {sample.longest_tcp_gap_ms} ms")
+
+
+def show_summary(console: Console, summary: dict[str, Any], out: Path) -> None:
+    table = Table("workload", "SC size", "mode", "downtime ms", "total ms", "wall ms",
+                  "SC stop ms", "TCP gap ms", "flows", "failed",
+                  title="nseh bench: medians (min-max)")
+    for c in summary["cells"]:
+        table.add_row(c["workload"], f"{c['size']:,}", c["mode"], span(c["downtime_ms"]),
+                      span(c["total_time_ms"]), span(c["wall_ms"]),
+                      span(c["sc_stop_window_ms"]), span(c["longest_tcp_gap_ms"]),
+                      f"{c['flows_survived']}/{c['flows']}", f"{c['failed']}/{c['samples']}")
+    console.print(table)
+    verdicts = Table("target", "where", "verdict", "figure", title="targets")
+    for t in summary["targets"]:
+        verdict = {True: "[green]met[/]", False: "[red]MISSED[/]", None: "not measured"}
+        verdicts.add_row(escape(t["target"]), t["where"], verdict[t["met"]], escape(t["figure"]))
+    console.print(verdicts)
+    console.print(f"results in {out} (summary.md, samples.csv/json, plots); "
+                  f"wall time {summary['run']['wall_s']} s")
