@@ -4,6 +4,7 @@ driven through the real `nseh` CLI and agents; traffic from real client namespac
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from labtools import (
     EXAMPLE_VM,
+    NSEH,
     client_connect,
     client_http_get,
     client_ping,
@@ -201,3 +203,34 @@ def test_lab_down_leaves_nothing_behind(web1, strict_vm):
     assert not lab.LAB_DIR.exists()
     assert "table inet nseh" not in subprocess.run(["nft", "list", "tables"],
                                                    capture_output=True, text=True).stdout
+
+
+def test_cli_drives_agents_over_mutual_tls_as_on_real_hosts(web1, tmp_path):
+    # An operator's certificate from the cluster CA, and an inventory of tls:// endpoints
+    # (agents' management addresses), used from a host namespace as from a real machine.
+    nseh("pki", "issue", "admin", "--ca", str(lab.LAB_DIR / "pki"), "--out",
+         str(tmp_path / "admin"))
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text(
+        "".join(f'[hosts.h{i}]\nagent = "tls://h{i}@{lab.host_mgmt_ipv4(i)}:7471"\n'
+                for i in (1, 2))
+        + f'[tls]\ncert = "{tmp_path}/admin/admin.pem"\nkey = "{tmp_path}/admin/admin-key.pem"'
+        f'\nca = "{tmp_path}/admin/ca.pem"\n')
+
+    def remote(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = lab.netns_exec_argv("nseh-h2", ["env", f"NSEH_INVENTORY={inventory}", NSEH,
+                                               *args])
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+    listed = remote("vm", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [v["host"] for v in json.loads(listed.stdout)["vms"] if v["name"] == "web1"] == ["h1"]
+    for destination in ("h2", "h1"):
+        moved = remote("migrate", "web1", "--to", destination, "--json")
+        assert moved.returncode == 0, moved.stderr
+        assert json.loads(moved.stdout)["result"] == "migrated"
+    # Without a certificate the CLI has no way to call tls:// agents (the agents refusing
+    # foreign or revoked certificates is tested in test_agent_api_tls.py).
+    inventory.write_text(inventory.read_text().split("[tls]")[0])
+    refused = remote("vm", "list", "--json")
+    assert "needs TLS client credentials" in refused.stderr

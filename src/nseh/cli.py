@@ -20,6 +20,7 @@ from nseh.api.client import AgentError
 from nseh.cluster import Cluster
 from nseh.definition import DefinitionError, load_definition
 from nseh.inventory import Inventory, InventoryError
+from nseh.sc.pki import PkiError
 
 if TYPE_CHECKING:
     from nseh.lab import LabStatus
@@ -60,7 +61,7 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run an async CLI action; known failures become a one-line error."""
     try:
         return asyncio.run(coroutine)
-    except (AgentError, InventoryError, DefinitionError) as exc:
+    except (AgentError, InventoryError, DefinitionError, PkiError) as exc:
         fail(str(exc))
 
 
@@ -282,14 +283,15 @@ def pki_issue(
     host: Annotated[str, typer.Argument(help="Host name (as in the inventory).")],
     ca_dir: Annotated[Path, typer.Option("--ca", help="The CA's directory.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Where the host's files go.")],
-    address: Annotated[list[str], typer.Option(help="Management address (repeatable).")],
+    address: Annotated[list[str] | None, typer.Option(
+        help="Management address (repeatable); none for an operator's certificate.")] = None,
     days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
 ) -> None:
     """Issue a host's certificate; put the printed paths into its agent configuration."""
     from nseh.sc.pki import CertAuthority, PkiError, issue_host_certificate
 
     try:
-        creds = issue_host_certificate(CertAuthority.load(ca_dir), host, address, out_dir,
+        creds = issue_host_certificate(CertAuthority.load(ca_dir), host, address or [], out_dir,
                                        valid_days=days)
     except (PkiError, ValueError) as exc:
         fail(str(exc))

@@ -7,6 +7,7 @@ from typing import Any
 
 from nseh.api.client import AgentClient, AgentError, EventHandler
 from nseh.inventory import Inventory
+from nseh.sc.pki import client_context
 
 
 class Cluster:
@@ -14,7 +15,9 @@ class Cluster:
         self.inventory = inventory
 
     def agent(self, host: str) -> AgentClient:
-        return AgentClient(self.inventory.endpoint(host))
+        credentials = self.inventory.credentials
+        return AgentClient(self.inventory.endpoint(host),
+                           tls=client_context(credentials) if credentials else None)
 
     async def call(self, host: str, method: str, params: dict[str, Any] | None = None, *,
                    on_event: EventHandler | None = None, timeout: float | None = 300) -> Any:

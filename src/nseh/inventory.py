@@ -3,7 +3,12 @@
 A TOML file::
 
     [hosts.h1]
-    agent = "unix:///run/nseh/lab/h1/agent.sock"
+    agent = "unix:///run/nseh/lab/h1/agent.sock"     # or "tls://h1@10.99.0.1:7471"
+
+    [tls]                     # the CLI's own certificate, for tls:// agents
+    cert = "/etc/nseh/tls/admin.pem"
+    key = "/etc/nseh/tls/admin-key.pem"
+    ca = "/etc/nseh/tls/ca.pem"
 
 The lab writes one; on real hosts the operator does. The CLI finds it through
 `--inventory`, then $NSEH_INVENTORY, then the running lab's, then /etc/nseh/inventory.toml.
@@ -18,6 +23,8 @@ from pathlib import Path
 
 import tomli_w
 
+from nseh.sc.pki import HostCredentials
+
 LAB_INVENTORY = Path("/run/nseh/lab/inventory.toml")
 SYSTEM_INVENTORY = Path("/etc/nseh/inventory.toml")
 
@@ -30,6 +37,7 @@ class InventoryError(ValueError):
 class Inventory:
     hosts: dict[str, str]  # host name -> agent endpoint URL
     path: Path | None = None
+    credentials: HostCredentials | None = None  # for tls:// endpoints
 
     def endpoint(self, host: str) -> str:
         try:
@@ -46,11 +54,15 @@ class Inventory:
         try:
             data = tomllib.loads(path.read_text())
             hosts = {name: str(entry["agent"]) for name, entry in data.get("hosts", {}).items()}
+            tls = data.get("tls")
+            credentials = None if tls is None else HostCredentials(
+                host="cli", cert_path=Path(tls["cert"]), key_path=Path(tls["key"]),
+                ca_path=Path(tls["ca"]))
         except OSError as exc:
             raise InventoryError(f"{path}: cannot read: {exc.strerror}") from None
         except (tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise InventoryError(f"{path}: not a valid inventory: {exc}") from None
-        return cls(hosts=hosts, path=path)
+        return cls(hosts=hosts, path=path, credentials=credentials)
 
     @classmethod
     def find(cls, explicit: Path | None = None) -> Inventory:

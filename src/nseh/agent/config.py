@@ -36,6 +36,9 @@ class AgentConfig(BaseModel):
     migration_port_base: int = Field(default=49152, ge=1024, le=65000)
     # The SC channel: TLS on management_address:sc_port, certificates from the cluster CA.
     sc_port: int = Field(default=7470, ge=1, le=65535)
+    # The API on management_address:api_port too (mutual TLS), for CLIs and agents on other
+    # machines; off when absent.
+    api_port: int | None = Field(default=None, ge=1, le=65535)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None

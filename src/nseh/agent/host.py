@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import signal
 import socket
+import ssl
 from typing import Any
 
 from nseh.agent.config import AgentConfig
@@ -28,6 +29,7 @@ from nseh.migration.orchestrator import ABORTABLE_PHASES, SC_MODES, SourceMigrat
 from nseh.migration.phases import Phase
 from nseh.migration.sc_transfer import receive_sc
 from nseh.sc import channel as sc_channel
+from nseh.sc.pki import client_context
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +67,18 @@ class HostAgent:
             sc_server = await sc_channel.serve(
                 str(self.config.management_address), self.config.sc_port, self.credentials,
                 lambda channel: receive_sc(channel, self.engines, self._incoming_scope))
-        server = await ApiServer(self.handlers()).serve_unix(self.config.api_socket)
-        log.info("agent for host %s serving on %s (accel %s, %d VMs); SC channel %s", self.host,
-                 self.config.api_socket, self.accel, len(self.vms),
+        api = ApiServer(self.handlers())
+        servers = [await api.serve_unix(self.config.api_socket)]
+        if self.config.api_port is not None:
+            if self.credentials is None:
+                raise SystemExit("api_port needs tls_cert, tls_key and tls_ca")
+            servers.append(await api.serve_tls(str(self.config.management_address),
+                                               self.config.api_port, self.credentials))
+        log.info("agent for host %s serving on %s%s (accel %s, %d VMs); SC channel %s",
+                 self.host, self.config.api_socket,
+                 f" and tls://{self.host}@{self.config.management_address}:"
+                 f"{self.config.api_port}" if self.config.api_port else "",
+                 self.accel, len(self.vms),
                  f"on {self.config.management_address}:{self.config.sc_port}"
                  if sc_server else "off (no TLS credentials)")
         stop = asyncio.Event()
@@ -77,7 +88,8 @@ class HostAgent:
         await stop.wait()
         # VMs keep running without their agent; a restarted agent re-adopts them.
         log.info("agent for host %s stopping; %d VMs keep running", self.host, len(self.vms))
-        server.close()
+        for server in servers:
+            server.close()
         if sc_server is not None:
             sc_server.close()
             await sc_server.wait_closed()
@@ -119,6 +131,10 @@ class HostAgent:
             "migration.commit": self.migration_commit,
             "migration.abort": self.migration_abort,
         }
+
+    def _tls(self) -> ssl.SSLContext | None:
+        """Client context for calling other hosts' agents over TLS, if this host has one."""
+        return client_context(self.credentials) if self.credentials else None
 
     def _vm(self, params: dict[str, Any]) -> VM:
         name = params.get("name")
@@ -269,7 +285,8 @@ class HostAgent:
         vm.state = VMState.MIGRATING
         vm.save()
         migration = SourceMigration(vm=vm, source=self.host, destination=destination,
-                                    destination_agent=AgentClient(endpoint), sc_mode=sc_mode,
+                                    destination_agent=AgentClient(endpoint, tls=self._tls()),
+                                    sc_mode=sc_mode,
                                     engines=self.engines, credentials=self.credentials,
                                     emit=emit, abort_at=Phase(abort_at) if abort_at else None)
         report = await migration.run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,31 +33,41 @@ class AgentError(Exception):
         self.code = code
 
 
-async def open_endpoint(endpoint: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to `unix:///path/to.sock` or `tcp://host:port`."""
+async def open_endpoint(endpoint: str, tls: ssl.SSLContext | None = None
+                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to `unix:///path/to.sock`, or `tls://HOST@ADDRESS:PORT` (mutual TLS; the
+    agent's certificate must name HOST; `tls` holds the caller's certificate)."""
     url = urlsplit(endpoint)
     try:
         if url.scheme == "unix":
             return await asyncio.open_unix_connection(url.path, limit=MAX_MESSAGE_BYTES)
-        if url.scheme == "tcp" and url.hostname and url.port:
-            return await asyncio.open_connection(url.hostname, url.port, limit=MAX_MESSAGE_BYTES)
-    except OSError as exc:
-        reason = exc.strerror or exc
+        if url.scheme == "tls" and url.username and url.hostname and url.port:
+            if tls is None:
+                raise AgentError("no-credentials", f"{endpoint} needs TLS client credentials "
+                                                   "(the inventory's [tls] section)")
+            return await asyncio.open_connection(
+                url.hostname, url.port, ssl=tls, server_hostname=url.username,
+                limit=MAX_MESSAGE_BYTES, ssl_handshake_timeout=10)
+    except OSError as exc:  # ssl.SSLError included
+        reason = getattr(exc, "reason", None) or exc.strerror or exc
         raise AgentError("unreachable", f"agent at {endpoint} unreachable: {reason}") from None
-    raise AgentError("bad-endpoint", f"unsupported agent endpoint {endpoint!r}")
+    raise AgentError("bad-endpoint", f"unsupported agent endpoint {endpoint!r} (use "
+                                     "unix:///path or tls://HOST@ADDRESS:PORT)")
 
 
 class AgentClient:
     """Talks to one agent. Each call uses its own connection, so calls may run concurrently."""
 
-    def __init__(self, endpoint: str, *, connect_timeout: float = 5.0) -> None:
+    def __init__(self, endpoint: str, *, tls: ssl.SSLContext | None = None,
+                 connect_timeout: float = 5.0) -> None:
         self.endpoint = endpoint
+        self.tls = tls
         self.connect_timeout = connect_timeout
 
     async def call(self, method: str, params: dict[str, Any] | None = None, *,
                    on_event: EventHandler | None = None, timeout: float | None = 120.0) -> Any:
         try:
-            reader, writer = await asyncio.wait_for(open_endpoint(self.endpoint),
+            reader, writer = await asyncio.wait_for(open_endpoint(self.endpoint, self.tls),
                                                     self.connect_timeout)
         except TimeoutError:
             raise AgentError("unreachable", f"agent at {self.endpoint} did not answer") from None

@@ -19,6 +19,13 @@ from nseh.api.protocol import (
     decode,
     encode,
 )
+from nseh.sc.pki import (
+    HostCredentials,
+    PkiError,
+    check_not_revoked,
+    peer_identity,
+    server_context,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,28 @@ class ApiError(Exception):
 class ApiServer:
     def __init__(self, handlers: dict[str, Handler]) -> None:
         self.handlers = handlers
+
+    async def serve_tls(self, address: str, port: int,
+                        credentials: HostCredentials) -> asyncio.Server:
+        """Serve on TCP with mutual TLS: only holders of a certificate from the cluster CA
+        (hosts, operators) that is not revoked may call."""
+        context = server_context(credentials)
+
+        async def connection(reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+            try:
+                peer, serial = peer_identity(writer.get_extra_info("ssl_object"))
+                check_not_revoked(credentials, serial)
+            except PkiError as exc:
+                log.warning("API connection from %s refused: %s",
+                            writer.get_extra_info("peername"), exc)
+                writer.close()
+                return
+            log.debug("API connection from %s", peer)
+            await self._connection(reader, writer)
+
+        return await asyncio.start_server(connection, address, port, ssl=context,
+                                          limit=MAX_MESSAGE_BYTES, ssl_handshake_timeout=10)
 
     async def serve_unix(self, path: Path) -> asyncio.Server:
         path.parent.mkdir(parents=True, exist_ok=True)

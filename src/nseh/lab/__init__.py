@@ -185,6 +185,11 @@ def _build(hosts: int, clients: int, start_agents: bool) -> None:
             start_agent(host.name)
 
 
+# Agents also serve their API with mutual TLS on their management address, as on real hosts;
+# the lab's CLI (in the root namespace, which has no management address) uses the sockets.
+LAB_API_PORT = 7471
+
+
 def _write_host_files(index: int, ca: CertAuthority) -> LabHost:
     name = layout.host_name(index)
     layout.agent_state_dir(name).mkdir(parents=True)
@@ -197,7 +202,7 @@ def _write_host_files(index: int, ca: CertAuthority) -> LabHost:
         management_address=host_mgmt_ipv4(index),
         vm_bridge=HOST_VM_BRIDGE,
         tls_cert=creds.cert_path, tls_key=creds.key_path, tls_ca=creds.ca_path,
-        tls_revoked=creds.revoked_path,
+        tls_revoked=creds.revoked_path, api_port=LAB_API_PORT,
     ).save(layout.agent_config_path(name))
     return LabHost(
         name=name, namespace=host_namespace(index),

@@ -22,8 +22,8 @@ from typing import NoReturn
 from nseh.sc.pki import (
     HostCredentials,
     PkiError,
+    check_not_revoked,
     client_context,
-    load_revoked,
     peer_identity,
     server_context,
 )
@@ -64,13 +64,6 @@ def _reason(exc: BaseException) -> str:
 
 def _endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _check_revoked(creds: HostCredentials, serial: int) -> None:
-    # Read for every connection, so a revocation needs no agent restart; a missing or
-    # unreadable list refuses everyone rather than nobody.
-    if creds.revoked_path is not None and serial in load_revoked(creds.revoked_path):
-        raise PkiError(f"certificate serial {serial:X} is revoked")
 
 
 class Channel:
@@ -219,7 +212,7 @@ async def connect(host: str, port: int, creds: HostCredentials, expected_peer: s
         name, serial = peer_identity(writer.get_extra_info("ssl_object"))
         if name != expected_peer:
             raise PkiError(f"its certificate names {name!r}")
-        _check_revoked(creds, serial)
+        check_not_revoked(creds, serial)
     except PkiError as exc:
         writer.close()
         raise ChannelError(f"SC channel to {where} refused: {exc}") from None
@@ -285,7 +278,7 @@ async def serve(address: str, port: int, creds: HostCredentials,
                 peer, serial = peer_identity(writer.get_extra_info("ssl_object"))
                 if allowed_peers is not None and not allowed_peers(peer):
                     raise PkiError(f"host {peer!r} is not allowed")
-                _check_revoked(creds, serial)
+                check_not_revoked(creds, serial)
             except (OSError, TimeoutError, PkiError) as exc:
                 reason = ("TLS handshake timed out" if isinstance(exc, TimeoutError)
                           else _reason(exc))

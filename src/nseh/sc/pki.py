@@ -277,6 +277,13 @@ def client_context(creds: HostCredentials) -> ssl.SSLContext:
     return context
 
 
+def check_not_revoked(creds: HostCredentials, serial: int) -> None:
+    """Raise PkiError if the CA revoked `serial`. The list is read for every connection, so
+    a revocation needs no agent restart; a missing or unreadable list refuses everyone."""
+    if creds.revoked_path is not None and serial in load_revoked(creds.revoked_path):
+        raise PkiError(f"certificate serial {serial:X} is revoked")
+
+
 def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[str, int]:
     """(common name, serial number) of the verified peer certificate of a TLS connection."""
     certificate: dict[str, Any] | None = ssl_object.getpeercert()
