@@ -189,22 +189,6 @@ def test_a_restarted_agent_readopts_its_running_vm(web1):
     assert nseh_json("vm", "exec", "web1", "--", "echo", "still-here")["output"] == "still-here\n"
 
 
-def test_lab_down_leaves_nothing_behind(web1, strict_vm):
-    lab.down()
-    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                                check=True).stdout
-    assert "nseh-" not in namespaces
-    qemus = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True,
-                           text=True).stdout
-    assert str(lab.LAB_DIR) not in qemus
-    agents = subprocess.run(["pgrep", "-af", "nseh.agent"], capture_output=True,
-                            text=True).stdout
-    assert str(lab.LAB_DIR) not in agents
-    assert not lab.LAB_DIR.exists()
-    assert "table inet nseh" not in subprocess.run(["nft", "list", "tables"],
-                                                   capture_output=True, text=True).stdout
-
-
 def test_cli_drives_agents_over_mutual_tls_as_on_real_hosts(web1, tmp_path):
     # An operator's certificate from the cluster CA, and an inventory of tls:// endpoints
     # (agents' management addresses), used from a host namespace as from a real machine.
@@ -234,3 +218,20 @@ def test_cli_drives_agents_over_mutual_tls_as_on_real_hosts(web1, tmp_path):
     inventory.write_text(inventory.read_text().split("[tls]")[0])
     refused = remote("vm", "list", "--json")
     assert "needs TLS client credentials" in refused.stderr
+
+
+# Last in this module: it removes the lab the others share.
+def test_lab_down_leaves_nothing_behind(web1, strict_vm):
+    lab.down()
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                check=True).stdout
+    assert "nseh-" not in namespaces
+    qemus = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True,
+                           text=True).stdout
+    assert str(lab.LAB_DIR) not in qemus
+    agents = subprocess.run(["pgrep", "-af", "nseh.agent"], capture_output=True,
+                            text=True).stdout
+    assert str(lab.LAB_DIR) not in agents
+    assert not lab.LAB_DIR.exists()
+    assert "table inet nseh" not in subprocess.run(["nft", "list", "tables"],
+                                                   capture_output=True, text=True).stdout
