@@ -13,7 +13,6 @@ namespace they were created in, so the main thread never changes namespace::
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import socket
 import struct
@@ -22,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -53,6 +52,7 @@ from nseh.agent.ctnetlink import (
 )
 from nseh.agent.firewall import Firewall
 from nseh.definition import VMDefinition
+from nseh.lab.netns import call_in_namespace
 
 NS1, NS2 = "nsehtest-ct1", "nsehtest-ct2"
 HOST, VM, CLIENT = "nsehtest-cth", "nsehtest-ctv", "nsehtest-ctc"
@@ -60,36 +60,9 @@ NAT_HOST, NAT_VM, NAT_CLIENT = "nsehtest-ctnh", "nsehtest-ctnv", "nsehtest-ctnc"
 MARK_A, MARK_B, MARK_NEW = 0x2A, 0x2B, 0x7001
 WAIT = 1.0  # seconds without an answer that count as "the connection stalls"
 
-T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------
 # Helpers: namespaces, a tiny TLV reader for assertions, synthetic entries.
-
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def call_in(namespace: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run `function` in a fresh thread that has entered `namespace` (the caller's thread
-    stays where it is)."""
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            with open(f"/run/netns/{namespace}") as target:
-                if _libc.setns(target.fileno(), _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {namespace}")
-            outcome["value"] = function(*args, **kwargs)
-        except BaseException as exc:  # handed to the caller's thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, check=check, timeout=60)
@@ -387,7 +360,7 @@ def namespaces() -> Iterator[None]:
 @pytest.fixture
 def tables(namespaces: None) -> Iterator[tuple[Conntrack, Conntrack]]:
     """Empty conntrack tables in nsehtest-ct1 and nsehtest-ct2."""
-    source, destination = call_in(NS1, Conntrack), call_in(NS2, Conntrack)
+    source, destination = call_in_namespace(NS1, Conntrack), call_in_namespace(NS2, Conntrack)
     try:
         for table in (source, destination):
             table.flush(0, 0)  # mark & 0 == 0: everything
@@ -510,7 +483,7 @@ def test_delete_and_flush(tables: tuple[Conntrack, Conntrack]) -> None:
 
 def test_events_of_one_mark(tables: tuple[Conntrack, Conntrack]) -> None:
     source, _ = tables
-    events = call_in(NS1, ConntrackEvents)
+    events = call_in_namespace(NS1, ConntrackEvents)
     try:
         marked, other = mixed_entries(MARK_A, 6), mixed_entries(MARK_B, 4, port=20000)
         source.insert(marked + other)
@@ -534,7 +507,7 @@ def test_events_of_one_mark(tables: tuple[Conntrack, Conntrack]) -> None:
 def test_event_overrun_is_reported_and_the_socket_recovers(
         tables: tuple[Conntrack, Conntrack]) -> None:
     source, _ = tables
-    events = call_in(NS1, ConntrackEvents, rcvbuf=4096)
+    events = call_in_namespace(NS1, ConntrackEvents, rcvbuf=4096)
     try:
         source.insert(mixed_entries(MARK_A, 500))
         with pytest.raises(EventsOverrun, match="resync"):
@@ -549,10 +522,10 @@ def test_events_refuse_a_namespace_that_would_miss_events(namespaces: None) -> N
     in_ns(NS2, "sysctl", "-qw", "net.netfilter.nf_conntrack_events=2")
     try:
         with pytest.raises(ConntrackError, match="nf_conntrack_events is 2"):
-            call_in(NS2, ConntrackEvents)
-        call_in(NS2, enable_event_generation)
+            call_in_namespace(NS2, ConntrackEvents)
+        call_in_namespace(NS2, enable_event_generation)
         assert in_ns(NS2, "sysctl", "-n", "net.netfilter.nf_conntrack_events").stdout == "1\n"
-        call_in(NS2, ConntrackEvents).close()
+        call_in_namespace(NS2, ConntrackEvents).close()
     finally:
         in_ns(NS2, "sysctl", "-qw", "net.netfilter.nf_conntrack_events=1")
 
@@ -608,7 +581,7 @@ class EchoServer:
             listener.listen(8)
             return listener
 
-        self._listener = call_in(namespace, listen)
+        self._listener = call_in_namespace(namespace, listen)
         self._connections: list[socket.socket] = []
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
@@ -640,7 +613,7 @@ class EchoServer:
 
 def connect(namespace: str, address: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = call_in(namespace, socket.socket, family, socket.SOCK_STREAM)
+    sock = call_in_namespace(namespace, socket.socket, family, socket.SOCK_STREAM)
     sock.settimeout(5)
     sock.connect((address, port))
     return sock
@@ -731,9 +704,9 @@ def bridged_lab() -> Iterator[Conntrack]:
             firewall.ensure_base()
             firewall.install_vm(definition, MARK_A)
 
-        call_in(HOST, install)
+        call_in_namespace(HOST, install)
         in_ns(HOST, "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0")
-        table = call_in(HOST, Conntrack)
+        table = call_in_namespace(HOST, Conntrack)
         yield table
     finally:
         if table is not None:
@@ -813,7 +786,7 @@ def nat_lab() -> Iterator[Conntrack]:
               "net.netfilter.nf_conntrack_tcp_loose=0")
         subprocess.run(["ip", "netns", "exec", NAT_HOST, "nft", "-f", "-"], input=NAT_RULES,
                        text=True, check=True, capture_output=True, timeout=30)
-        table = call_in(NAT_HOST, Conntrack)
+        table = call_in_namespace(NAT_HOST, Conntrack)
         yield table
     finally:
         if table is not None:

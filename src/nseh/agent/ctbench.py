@@ -22,46 +22,21 @@ runs are listed.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from nseh.agent.conntrack import Conntrack
 from nseh.agent.ctnetlink import IPS_ASSURED, IPS_CONFIRMED, IPS_SEEN_REPLY, make_entry
+from nseh.lab.netns import call_in_namespace
 
 SOURCE, DESTINATION = "nsehtest-ctbench", "nsehtest-ctbench2"
 MARK, SAMPLE_MARK = 0x5EED, 0x5A3
-_CLONE_NEWNET = 0x40000000
-T = TypeVar("T")
-
-
-def _run_in(namespace: str, function: Callable[[], T]) -> T:
-    """Run `function` in a thread that has entered `namespace` (sockets it opens stay there)."""
-    outcome: dict[str, Any] = {}
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def run() -> None:
-        try:
-            with open(f"/run/netns/{namespace}") as target:
-                if libc.setns(target.fileno(), _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {namespace}")
-            outcome["value"] = function()
-        except BaseException as exc:  # handed to the caller
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 def _namespaces(create: bool) -> None:
@@ -164,8 +139,8 @@ def benchmark(count: int, sample: int, repeat: int) -> dict[str, Any]:
                               "loadavg_before": Path("/proc/loadavg").read_text().split()[:3]}
     _namespaces(create=True)
     try:
-        source = _run_in(SOURCE, Conntrack)
-        destination = _run_in(DESTINATION, Conntrack)
+        source = call_in_namespace(SOURCE, Conntrack)
+        destination = call_in_namespace(DESTINATION, Conntrack)
         entries = synthetic(count, MARK)
         elapsed, result = _timed(lambda filling=entries: source.insert(filling))
         if result.created != count or result.failures:
