@@ -16,7 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from nseh.agent.engines import ApplyResult, ChangeTracker, Delta, SecurityEngine, VMScope
+from nseh.agent.engines import (
+    MAX_REASONS,
+    ApplyResult,
+    ChangeTracker,
+    Delta,
+    SecurityEngine,
+    VMScope,
+)
 from nseh.sc.channel import Channel, ChannelError
 from nseh.sc.wire import (
     PROTOCOL_VERSION,
@@ -165,7 +172,7 @@ class ScSender:
             raise ScError(f"expected {expected.__name__} for round {self.round}, "
                           f"got {type(ack).__name__}")
         self.stats.rejected += ack.rejected
-        self.stats.reasons.extend(ack.reasons[: 5 - len(self.stats.reasons)])
+        self.stats.reasons.extend(ack.reasons[: MAX_REASONS - len(self.stats.reasons)])
 
     async def _receive(self) -> Message:
         try:
