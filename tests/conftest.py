@@ -4,8 +4,13 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from nseh import lab
+
+# CI machines are noisy: no per-example deadline, and a fixed seed so a failure reproduces.
+settings.register_profile("nseh", deadline=None, derandomize=True)
+settings.load_profile("nseh")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
