@@ -12,6 +12,7 @@ memory_mib = 256
 [network]
 ipv4 = "10.0.0.10/24"
 ipv6 = "fd00::10/64"
+floating_ipv4 = "203.0.113.10"
 [[policy.inbound]]
 proto = "tcp"
 ports = [7, 80]
@@ -32,6 +33,7 @@ def test_a_good_definition_loads(tmp_path):
     assert vm.name == "web1" and vm.memory_mib == 256
     assert [str(a) for a in vm.addresses] == ["10.0.0.10", "fd00::10"]
     assert vm.policy.inbound[0].ports == (7, 80)
+    assert str(vm.network.floating_ipv4) == "203.0.113.10"
     assert vm.mac.startswith("52:54:00:") and vm.mac == load_definition(
         write(tmp_path, GOOD)).mac
 
@@ -53,6 +55,12 @@ def test_the_name_can_be_given_outside_the_file(tmp_path):
      'ports = [70000]', "policy.inbound.0.ports.0"),
     ('name = "a"\n[network]\nipv4 = "10.0.0.1/24"\nmac = "01:00:00:00:00:01"',
      "multicast"),
+    ('name = "a"\n[network]\nipv6 = "fd00::1/64"\nfloating_ipv4 = "203.0.113.9"',
+     "floating_ipv4 needs an ipv4 address"),
+    ('name = "a"\n[network]\nipv4 = "10.0.0.1/24"\nfloating_ipv4 = "10.0.0.9"',
+     "inside the VM's own network 10.0.0.0/24"),
+    ('name = "a"\n[network]\nipv4 = "10.0.0.1/24"\nfloating_ipv4 = "fd00::9"',
+     "network.floating_ipv4"),
 ])
 def test_bad_definitions_give_one_line_errors(tmp_path, text, expected):
     with pytest.raises(DefinitionError) as info:

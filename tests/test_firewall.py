@@ -180,12 +180,11 @@ def conntrack_list(mark: int | None = None) -> str:
     return in_ns(HOST, *args).stdout
 
 
-def definition(**policy: Any) -> VMDefinition:
-    return VMDefinition.from_json({
-        "name": "web1",
-        "network": {"ipv4": f"{VM4}/24", "ipv6": f"{VM6}/64"},
-        "policy": policy,
-    })
+def definition(floating: str | None = None, name: str = "web1", **policy: Any) -> VMDefinition:
+    network = {"ipv4": f"{VM4}/24", "ipv6": f"{VM6}/64"}
+    if floating:
+        network["floating_ipv4"] = floating
+    return VMDefinition.from_json({"name": name, "network": network, "policy": policy})
 
 
 # The policy the packet tests run: TCP 8080 from anywhere, TCP 8081 only from a network the
@@ -300,6 +299,22 @@ def test_mark_out_of_range(mark: int) -> None:
         render_vm_policy(definition(), mark)
 
 
+def test_floating_address_renders_a_1_to_1_nat() -> None:
+    commands = render_vm_policy(definition(floating="203.0.113.10"), 1)
+    assert _rules(commands, "vm_web1_dnat") == [[{"dnat": {"family": "ip", "addr": VM4}}]]
+    assert _rules(commands, "vm_web1_snat") == [[
+        {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                   "right": {"prefix": {"addr": "10.77.0.0", "len": 24}}}},
+        {"snat": {"family": "ip", "addr": "203.0.113.10"}}]]
+    elements = _elements(commands)
+    assert elements["dnat4"] == [["203.0.113.10", {"goto": {"target": "vm_web1_dnat"}}]]
+    assert elements["snat4"] == [[VM4, {"goto": {"target": "vm_web1_snat"}}]]
+    assert "dnat4" not in _elements(render_vm_policy(definition(), 1))
+    nat_in = _rules(render_base(), "nat_in")
+    assert nat_in == [[{"vmap": {"key": {"payload": {"protocol": "ip", "field": "daddr"}},
+                                 "data": "@dnat4"}}]]
+
+
 def test_removal_commands() -> None:
     commands = render_vm_removal("web1", [ipaddress.ip_address(VM4)])
     deleted = [(kind, body["name"]) for c in commands if "delete" in c
@@ -327,6 +342,11 @@ def test_nft_accepts_rendered_json(scratch_ns: str, tmp_path: Path) -> None:
         "install": render_base() + render_vm_policy(vm, MARK),
         "install-remove": render_base() + render_vm_policy(vm, MARK) + render_vm_removal(
             "web1", [ipaddress.ip_address(VM4), ipaddress.ip_address(VM6)]),
+        "floating-install-remove": render_base() + render_vm_policy(
+            definition(floating="203.0.113.10", **LAB_POLICY), MARK) + render_vm_removal(
+            "web1", [ipaddress.ip_address(VM4), ipaddress.ip_address(VM6)],
+            {"dnat4": {ipaddress.ip_address("203.0.113.10")},
+             "snat4": {ipaddress.ip_address(VM4)}}),
     }
     for label, commands in batches.items():
         path = tmp_path / f"{label}.json"
@@ -500,6 +520,31 @@ def test_remove_vm_drops_everything_again(firewall: Any, vm_server: EchoServer) 
     assert_dropped(CLIENT, VM4, 8080)
     assert not pings(CLIENT, VM4)
     firewall.remove_vm("web1")  # absent: no error
+
+
+def nat_listing() -> str:
+    """The NAT maps and the VMs' NAT chains as the kernel holds them."""
+    listing = in_ns(HOST, "nft", "list", "table", "inet", "nseh").stdout
+    return "\n".join(line.strip() for line in listing.splitlines()
+                     if "_dnat" in line or "_snat" in line or "elements" in line)
+
+
+def test_floating_address_nat_is_installed_replaced_and_removed(firewall: Any) -> None:
+    firewall.install_vm(definition(floating="203.0.113.10", **LAB_POLICY), MARK)
+    listing = nat_listing()
+    assert "203.0.113.10 : goto vm_web1_dnat" in listing
+    assert f"{VM4} : goto vm_web1_snat" in listing
+    firewall.install_vm(definition(floating="203.0.113.11", **LAB_POLICY), MARK)
+    listing = nat_listing()
+    assert "203.0.113.11 : goto vm_web1_dnat" in listing and "203.0.113.10" not in listing
+    with pytest.raises(FirewallError, match=r"floating address 203\.0\.113\.11 belongs to web1"):
+        firewall.install_vm(VMDefinition.from_json({"name": "web2", "network": {
+            "ipv4": "10.77.0.11/24", "floating_ipv4": "203.0.113.11"}}), MARK + 1)
+    firewall.install_vm(definition(**LAB_POLICY), MARK)  # no floating address any more
+    assert "vm_web1_dnat" not in nat_listing() and "vm_web1_snat" not in nat_listing()
+    firewall.install_vm(definition(floating="203.0.113.10", **LAB_POLICY), MARK)
+    firewall.remove_vm("web1")
+    assert "vm_web1" not in in_ns(HOST, "nft", "list", "table", "inet", "nseh").stdout
 
 
 def test_replace_drops_stale_addresses_and_keeps_counters(

@@ -29,8 +29,10 @@ from nseh.lab.probe import Probe
 pytestmark = pytest.mark.lab
 
 VM4, VM6 = "10.0.0.10", "fd00::10"
+FLOATING4 = "203.0.113.10"  # examples/web1.toml: its host 1:1-NATs it to VM4
 CLIENT4 = str(lab.client_ipv4(1))
-FLOWS = ["--tcp", f"{VM4}:7", "--tcp", f"[{VM6}]:7", "--udp", f"{VM4}:7", "--ping", VM4]
+FLOWS = ["--tcp", f"{VM4}:7", "--tcp", f"[{VM6}]:7", "--udp", f"{VM4}:7", "--ping", VM4,
+         "--tcp", f"{FLOATING4}:7"]
 # A flow the VM itself opens: it sends a line every 100 ms to the client's echo server and
 # appends the echoes to a file.
 GUEST_FLOW = (f"(while :; do echo tick; sleep 0.1; done) | nc {CLIENT4} 7 >/tmp/echoes "
@@ -87,15 +89,16 @@ def test_precopy_keeps_every_flow_alive_there_and_back(web1, client_echo_server)
         time.sleep(2)
         assert guest_flow_alive(), "the VM's own outbound flow died back on h1"
         flows = probe.finish()
-    assert [f["kind"] for f in flows] == ["tcp", "tcp", "udp", "ping"]
+    assert sorted(f["target"] for f in flows) == sorted(FLOWS[1::2])
     for flow in flows:
         assert flow["alive"] and flow["error"] is None, flow
         assert flow["longest_gap_ms"] < 2000, flow
     for report in (there, back):
         sc = report["sc"]
-        # Client flows (tcp v4, tcp v6, udp, ping) and the guest's flow, at least.
-        assert sc["entries"] >= 5 and sc["rejected"] == 0, sc
-        assert sc["destination_entries"] >= 5, sc
+        # Client flows (tcp v4, tcp v6, udp, ping, tcp to the floating address) and the
+        # guest's flow, at least.
+        assert sc["entries"] >= 6 and sc["rejected"] == 0, sc
+        assert sc["destination_entries"] >= 6, sc
         assert report["qemu"]["downtime_ms"] is not None
 
 
@@ -167,6 +170,45 @@ def test_without_sc_strict_tcp_flows_break(web1, client_echo_server):
     assert not any(f["alive"] for f in by_kind.values()), flows
     assert not guest_alive, "the VM's outbound TCP flow survived without its SC"
     migrate("h1", "precopy")
+
+
+def owns_floating(host: str) -> bool:
+    listing = subprocess.run(["ip", "-n", f"nseh-{host}", "-4", "addr", "show",
+                              lab.layout.HOST_PUBLIC_LINK], capture_output=True, text=True,
+                             check=True).stdout
+    return f"inet {FLOATING4}/32" in listing
+
+
+def source_address_seen_outside() -> str:
+    """The source address of a connection the guest opens to the public router, as the
+    router sees it."""
+    server = subprocess.Popen(lab.netns_exec_argv(lab.FABRIC_NAMESPACE, [
+        "socat", "-T5", "TCP-LISTEN:7,reuseaddr", "SYSTEM:echo $SOCAT_PEERADDR"]))
+    try:
+        for _ in range(20):
+            result = nseh_json("vm", "exec", "web1", "--",
+                               f"socat -T3 - TCP:{lab.layout.PUBLIC_ROUTER4}:7 </dev/null")
+            if seen := result["output"].strip():
+                return seen
+            time.sleep(0.2)  # the listener was not up yet
+        return ""
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_the_floating_address_moves_with_the_vm(web1):
+    source = vm_host("web1")
+    destination = "h2" if source == "h1" else "h1"
+    assert owns_floating(source) and not owns_floating(destination)
+    assert source_address_seen_outside() == FLOATING4
+    migrate(destination, "precopy")
+    assert owns_floating(destination) and not owns_floating(source)
+    # The guest's own connections to other networks leave with the floating address, now
+    # from the destination's 1:1 NAT.
+    assert source_address_seen_outside() == FLOATING4
+    migrate(source, "precopy")
+    assert owns_floating(source) and not owns_floating(destination)
 
 
 def lab_conntrack_count(namespace: str, address: str) -> int:

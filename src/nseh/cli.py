@@ -181,7 +181,9 @@ def vm_start(
     if as_json:
         print_json(vm)
     else:
-        out.print(f"{vm['name']} runs on {vm['host']} ({vm['ipv4'] or ''} {vm['ipv6'] or ''})")
+        addresses = " ".join(filter(None, (vm["ipv4"], vm["ipv6"])))
+        floating = f", floating {vm['floating_ipv4']}" if vm.get("floating_ipv4") else ""
+        out.print(f"{vm['name']} runs on {vm['host']} ({addresses}{floating})")
 
 
 @vm_app.command("stop")
@@ -203,10 +205,10 @@ def vm_list(inventory: InventoryOption = None, as_json: JsonOption = False) -> N
     if as_json:
         print_json({"vms": vms, "unreachable": unreachable})
     else:
-        table = Table("name", "host", "state", "ipv4", "ipv6", "mac")
+        table = Table("name", "host", "state", "ipv4", "ipv6", "floating", "mac")
         for vm in sorted(vms, key=lambda v: (v["name"], v["host"])):
             table.add_row(vm["name"], vm["host"], vm["state"], vm["ipv4"] or "",
-                          vm["ipv6"] or "", vm["mac"])
+                          vm["ipv6"] or "", vm.get("floating_ipv4") or "", vm["mac"])
         out.print(table)
     for host, why in unreachable.items():
         err.print(f"[yellow]warning:[/] host {host}: {escape(why)}", highlight=False)

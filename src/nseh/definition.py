@@ -9,6 +9,7 @@ A definition is a TOML file written by the operator, for example::
     ipv4 = "10.0.0.10/24"
     ipv6 = "fd00::10/64"
     gateway4 = "10.0.0.1"
+    floating_ipv4 = "203.0.113.10"   # optional public address the host 1:1-NATs to ipv4
 
     [[policy.inbound]]          # allow rules; everything else is dropped
     proto = "tcp"
@@ -85,11 +86,19 @@ class Network(_Strict):
     gateway4: ipaddress.IPv4Address | None = None
     gateway6: ipaddress.IPv6Address | None = None
     mac: str | None = Field(default=None, pattern=r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+    # A public address the VM's host owns and 1:1-NATs to `ipv4`; the guest never sees it.
+    floating_ipv4: ipaddress.IPv4Address | None = None
 
     @model_validator(mode="after")
     def _has_an_address(self) -> Network:
         if self.ipv4 is None and self.ipv6 is None:
             raise ValueError("a VM needs an ipv4 or an ipv6 address")
+        if self.floating_ipv4 is not None:
+            if self.ipv4 is None:
+                raise ValueError("floating_ipv4 needs an ipv4 address to translate to")
+            if self.floating_ipv4 in self.ipv4.network:
+                raise ValueError(f"floating_ipv4 {self.floating_ipv4} is inside the VM's own "
+                                 f"network {self.ipv4.network}")
         if self.mac is not None and int(self.mac[:2], 16) & 1:
             raise ValueError(f"mac {self.mac} is a multicast address")
         return self

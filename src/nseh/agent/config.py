@@ -31,6 +31,9 @@ class AgentConfig(BaseModel):
     # Address that incoming migration streams (QEMU, SC) are accepted on.
     management_address: ipaddress.IPv4Address | ipaddress.IPv6Address
     vm_bridge: str = "br-vm"
+    # Where this host owns and announces its VMs' floating addresses; VMs with a floating
+    # address cannot run on a host without one.
+    public_interface: str | None = None
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     guest_cache: Path = Path("/var/cache/nseh/guest")
     migration_port_base: int = Field(default=49152, ge=1024, le=65000)

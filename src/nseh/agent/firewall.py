@@ -25,6 +25,14 @@ conntrack in the `bridge` family). The host table `inet nseh` looks like this::
         counter vm_<name>_in_drops / vm_<name>_out_drops
         chain vm_<name>_out { ct mark set <mark>; <allow rules> return; counter ... drop }
         chain vm_<name>_in  { ct mark set <mark>; <allow rules> accept; counter ... drop }
+
+        # Floating IPs (1:1 NAT), for VMs that have one:
+        map dnat4 { type ipv4_addr : verdict }   # floating address -> goto vm_<name>_dnat
+        map snat4 { type ipv4_addr : verdict }   # VM address -> goto vm_<name>_snat
+        chain nat_in  { type nat hook prerouting priority dstnat; ip daddr vmap @dnat4 }
+        chain nat_out { type nat hook postrouting priority srcnat; ip saddr vmap @snat4 }
+        chain vm_<name>_dnat { dnat ip to <VM address> }
+        chain vm_<name>_snat { ip daddr != <VM network> snat ip to <floating address> }
     }
 
 Only packets that open a connection reach a VM's chains, so `ct mark set` marks exactly the
@@ -33,8 +41,15 @@ traffic between two VMs on the same host the destination VM's mark wins (its cha
 last).
 
 A VM's policy is added, replaced and removed in one nft transaction each, so a VM is never
-reachable with a half-installed policy. A `Firewall` acts on the network namespace it was
-created in (libnftables binds its netlink socket when the context is created).
+reachable with a half-installed policy.
+
+Inbound traffic to a floating address is routed by the host (it owns the address on its
+public interface, see `network.py`) after DNAT, so the VM's inbound policy sees the VM's
+own address; the VM's replies are bridged and un-NATed by the same conntrack entry. The
+VM's traffic to other networks leaves with the floating address as its source.
+
+A `Firewall` acts on the network namespace it was created in (libnftables binds its
+netlink socket when the context is created).
 """
 
 from __future__ import annotations
@@ -57,6 +72,10 @@ from nseh.definition import Rule, VMDefinition
 FAMILY = "inet"
 TABLE = "nseh"
 BASE_CHAIN = "forward"
+NAT_IN_CHAIN = "nat_in"
+NAT_OUT_CHAIN = "nat_out"
+DNAT_MAP = "dnat4"
+SNAT_MAP = "snat4"
 INVALID_COUNTER = "invalid_drops"
 MARK_MAX = 0xFFFFFFFF
 
@@ -66,7 +85,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Neighbour discovery is untracked by conntrack and bridged through the ip6 hooks, so without
 # this rule IPv6 address resolution between VMs and the fabric would hit the policy drop.
 _ND_TYPES = ("nd-neighbor-solicit", "nd-neighbor-advert", "nd-router-solicit", "nd-router-advert")
-_VM_CHAIN = re.compile(r"^vm_([a-z][a-z0-9-]{0,10})_(in|out)$")
+_VM_CHAIN = re.compile(r"^vm_([a-z][a-z0-9-]{0,10})_(in|out|dnat|snat)$")
 _BRIDGE_SYSCTLS = ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables")
 _BRIDGE_SYSCTL_DIR = Path("/proc/sys/net/bridge")
 
@@ -80,7 +99,7 @@ class FirewallError(RuntimeError):
 
 
 def vm_chain(name: str, direction: str) -> str:
-    """Name of a VM's inbound ("in") or outbound ("out") chain."""
+    """Name of a VM's inbound ("in"), outbound ("out"), "dnat" or "snat" chain."""
     return f"vm_{name}_{direction}"
 
 
@@ -148,6 +167,19 @@ def render_base() -> list[dict[str, Any]]:
         rules.append([_match(_payload(protocol, "saddr"), "@" + _map_name("out", version)),
                       {"accept": None}])
     commands += [{"add": {"rule": {**in_chain, "expr": expr}}} for expr in rules]
+    for chain_name, hook, prio, field, map_name in (
+        (NAT_IN_CHAIN, "prerouting", -100, "daddr", DNAT_MAP),
+        (NAT_OUT_CHAIN, "postrouting", 100, "saddr", SNAT_MAP),
+    ):
+        nat_chain = _obj(name=chain_name)
+        commands += [
+            {"add": {"map": _obj(name=map_name, type="ipv4_addr", map="verdict")}},
+            {"add": {"chain": {**nat_chain, "type": "nat", "hook": hook, "prio": prio,
+                               "policy": "accept"}}},
+            {"flush": {"chain": nat_chain}},
+            {"add": {"rule": {**_obj(chain=chain_name), "expr": [
+                {"vmap": {"key": _payload("ip", field), "data": "@" + map_name}}]}}},
+        ]
     return commands
 
 
@@ -230,6 +262,31 @@ def render_vm_policy(definition: VMDefinition, mark: int) -> list[dict[str, Any]
             commands.append({"add": {"element": _obj(
                 name=_map_name(direction, address.version),
                 elem=[[str(address), {verdict: {"target": vm_chain(name, direction)}}]])}})
+    return commands + _render_floating(definition)
+
+
+def _render_floating(definition: VMDefinition) -> list[dict[str, Any]]:
+    """The 1:1 NAT between a VM's floating address and its own IPv4 address, if it has one."""
+    floating, interface = definition.network.floating_ipv4, definition.network.ipv4
+    if floating is None or interface is None:
+        return []
+    name = definition.name
+    commands: list[dict[str, Any]] = []
+    for kind, key, exprs in (
+        ("dnat", floating, [{"dnat": {"family": "ip", "addr": str(interface.ip)}}]),
+        # Traffic within the VM's own network keeps the VM's address.
+        ("snat", interface.ip, [
+            _match(_payload("ip", "daddr"), _network_value(interface.network), op="!="),
+            {"snat": {"family": "ip", "addr": str(floating)}}]),
+    ):
+        chain = vm_chain(name, kind)
+        commands += [
+            {"add": {"chain": _obj(name=chain)}},
+            {"flush": {"chain": _obj(name=chain)}},
+            {"add": {"rule": {**_obj(chain=chain), "expr": exprs}}},
+            {"add": {"element": _obj(name=DNAT_MAP if kind == "dnat" else SNAT_MAP,
+                                     elem=[[str(key), {"goto": {"target": chain}}]])}},
+        ]
     return commands
 
 
@@ -239,10 +296,25 @@ def _element_removal(address: IPAddress) -> list[dict[str, Any]]:
             for direction in ("out", "in")]
 
 
-def render_vm_removal(name: str, addresses: Iterable[IPAddress]) -> list[dict[str, Any]]:
-    """Commands that remove an installed VM's policy: its map elements (the VM's addresses
-    as installed), chains and counters."""
+def _nat_removal(name: str, nat_keys: dict[str, set[IPAddress]]) -> list[dict[str, Any]]:
+    """Commands that remove a VM's 1:1 NAT: its NAT map elements, then its NAT chains."""
     commands: list[dict[str, Any]] = []
+    for map_name, keys in sorted(nat_keys.items()):
+        commands += [{"delete": {"element": _obj(name=map_name, elem=[str(key)])}}
+                     for key in sorted(keys, key=str)]
+    if nat_keys:
+        for kind in ("dnat", "snat"):
+            chain = _obj(name=vm_chain(name, kind))
+            commands += [{"flush": {"chain": chain}}, {"delete": {"chain": chain}}]
+    return commands
+
+
+def render_vm_removal(name: str, addresses: Iterable[IPAddress],
+                      nat_keys: dict[str, set[IPAddress]] | None = None) -> list[dict[str, Any]]:
+    """Commands that remove an installed VM's policy: its map elements (the VM's addresses
+    as installed; `nat_keys`: its NAT map elements by map, if it has a floating address),
+    chains and counters."""
+    commands: list[dict[str, Any]] = _nat_removal(name, nat_keys or {})
     for address in addresses:
         commands += _element_removal(address)
     for direction in ("out", "in"):
@@ -264,19 +336,27 @@ class _TableState:
         self.marks: dict[str, int] = {}
         self.addresses: dict[str, set[IPAddress]] = {}
         self.counters: dict[str, int] = {}
+        # VM -> NAT map name -> keys (floating addresses in dnat4, VM addresses in snat4).
+        self.nat_keys: dict[str, dict[str, set[IPAddress]]] = {}
         vm_names: set[str] = set()
         for item in listing:
             if "chain" in item and (found := _VM_CHAIN.match(item["chain"]["name"])):
                 vm_names.add(found.group(1))
             elif "counter" in item:
                 self.counters[item["counter"]["name"]] = item["counter"]["packets"]
-            elif "map" in item and item["map"]["name"].startswith("out"):
+            elif "map" in item:
+                map_name = item["map"]["name"]
                 for key, verdict in item["map"].get("elem", []):
                     # {"jump": {"target": chain}}; other verdicts ({"drop": null}) are not ours.
                     target = next(iter(verdict.values())) or {}
-                    if found := _VM_CHAIN.match(target.get("target", "")):
-                        self.addresses.setdefault(found.group(1), set()).add(
-                            ipaddress.ip_address(key))
+                    if not (found := _VM_CHAIN.match(target.get("target", ""))):
+                        continue
+                    address = ipaddress.ip_address(key)
+                    if map_name.startswith("out"):
+                        self.addresses.setdefault(found.group(1), set()).add(address)
+                    elif map_name in (DNAT_MAP, SNAT_MAP):
+                        self.nat_keys.setdefault(found.group(1), {}).setdefault(
+                            map_name, set()).add(address)
             elif "rule" in item and (found := _VM_CHAIN.match(item["rule"]["chain"])):
                 for expr in item["rule"]["expr"]:
                     if expr.get("mangle", {}).get("key") == {"ct": {"key": "mark"}}:
@@ -338,9 +418,16 @@ class Firewall:
                 if other != definition.name and (taken := addresses & set(definition.addresses)):
                     raise FirewallError(f"install VM {definition.name}: address "
                                         f"{min(taken, key=str)} belongs to {other}")
+            floating = definition.network.floating_ipv4
+            for other, nat_keys in state.nat_keys.items():
+                if other != definition.name and floating in nat_keys.get(DNAT_MAP, set()):
+                    raise FirewallError(f"install VM {definition.name}: floating address "
+                                        f"{floating} belongs to {other}")
             installed = state.addresses.get(definition.name, set())
             stale = installed - set(definition.addresses)
             removal = [c for address in sorted(stale, key=str) for c in _element_removal(address)]
+            # A replaced VM's NAT is rendered afresh (its floating address may have changed).
+            removal += _nat_removal(definition.name, state.nat_keys.get(definition.name, {}))
             self._run(removal + commands, f"install VM {definition.name}")
 
     def remove_vm(self, name: str) -> None:
@@ -349,7 +436,8 @@ class Firewall:
             state = self._state()
             if name not in state.marks:
                 return
-            self._run(render_vm_removal(name, sorted(state.addresses[name], key=str)),
+            self._run(render_vm_removal(name, sorted(state.addresses[name], key=str),
+                                        state.nat_keys.get(name)),
                       f"remove VM {name}")
 
     def installed_vms(self) -> dict[str, int]:

@@ -17,7 +17,14 @@ from nseh.agent.config import AgentConfig
 from nseh.agent.conntrack import enable_event_generation
 from nseh.agent.engines import FirewallEngine, SecurityEngine, VMScope
 from nseh.agent.firewall import Firewall
-from nseh.agent.network import create_tap, delete_tap, tap_name
+from nseh.agent.network import (
+    NetworkError,
+    claim_floating,
+    create_tap,
+    delete_tap,
+    release_floating,
+    tap_name,
+)
 from nseh.agent.qemu import detect_accel
 from nseh.agent.vms import VM, VMError, VMState, load_all
 from nseh.api.client import AgentClient
@@ -62,6 +69,9 @@ class HostAgent:
         # entry from its creation on.
         enable_event_generation()
         self._readopt()
+        for vm in self.vms.values():
+            if vm.state == VMState.RUNNING:
+                await self._claim_floating(vm)
         sc_server = None
         if self.credentials is not None:
             sc_server = await sc_channel.serve(
@@ -158,6 +168,35 @@ class HostAgent:
             if addr in taken:
                 raise ApiError("exists", f"address {addr} is already used by VM "
                                          f"{taken[addr]!r} on host {self.host}")
+        floating = definition.network.floating_ipv4
+        if floating is not None:
+            if self.config.public_interface is None:
+                raise ApiError("no-public-interface",
+                               f"VM {definition.name} has floating address {floating}, but host "
+                               f"{self.host} has no public_interface in its agent config")
+            for vm in self.vms.values():
+                if vm.definition.network.floating_ipv4 == floating:
+                    raise ApiError("exists", f"floating address {floating} is already used "
+                                             f"by VM {vm.name!r} on host {self.host}")
+
+    async def _claim_floating(self, vm: VM) -> None:
+        """Own and announce the VM's floating address here (it runs here now)."""
+        network = vm.definition.network
+        if network.floating_ipv4 is None or network.ipv4 is None:
+            return
+        assert self.config.public_interface is not None  # checked before the VM was created
+        await asyncio.to_thread(claim_floating, network.floating_ipv4, network.ipv4.ip,
+                                self.config.public_interface, self.config.vm_bridge)
+        log.info("VM %s: floating address %s claimed and announced on %s", vm.name,
+                 network.floating_ipv4, self.config.public_interface)
+
+    async def _release_floating(self, vm: VM) -> None:
+        network = vm.definition.network
+        if (network.floating_ipv4 is None or network.ipv4 is None
+                or self.config.public_interface is None):
+            return
+        await asyncio.to_thread(release_floating, network.floating_ipv4, network.ipv4.ip,
+                                self.config.public_interface)
 
     def _free_mark(self) -> int:
         used = {vm.mark for vm in self.vms.values()} | set(self.firewall.installed_vms().values())
@@ -209,6 +248,7 @@ class HostAgent:
     async def _destroy(self, vm: VM) -> None:
         """Remove every trace of `vm` from this host: QEMU, tap, policy, conntrack, record."""
         await vm.kill()
+        await self._release_floating(vm)
         await asyncio.to_thread(delete_tap, vm.name)
         self.firewall.remove_vm(vm.name)
         for engine in self.engines:
@@ -231,6 +271,11 @@ class HostAgent:
         try:
             vm = await self._create(definition, VMState.RUNNING, emit)
         except (VMError, RuntimeError) as exc:
+            raise ApiError("start-failed", str(exc)) from None
+        try:
+            await self._claim_floating(vm)
+        except NetworkError as exc:
+            await self._destroy(vm)
             raise ApiError("start-failed", str(exc)) from None
         if params.get("wait_ready", True):
             emit({"step": "boot", "message": "waiting for the guest to boot"})
@@ -341,6 +386,12 @@ class HostAgent:
         if status != "running":
             raise ApiError("commit-failed", f"VM {vm.name} is {status} on {self.host}, "
                                             f"not running, after {COMMIT_TIMEOUT:.0f} s")
+        try:
+            # First: until the address moves, clients' packets to it reach the source.
+            await self._claim_floating(vm)
+        except NetworkError as exc:
+            log.error("VM %s runs on %s but its floating address is not claimed: %s",
+                      vm.name, self.host, exc)
         vm.state = VMState.RUNNING
         vm.incoming_from = None
         vm.save()

@@ -201,6 +201,7 @@ def _write_host_files(index: int, ca: CertAuthority) -> LabHost:
         api_socket=layout.agent_socket_path(name),
         management_address=host_mgmt_ipv4(index),
         vm_bridge=HOST_VM_BRIDGE,
+        public_interface=layout.HOST_PUBLIC_LINK,
         tls_cert=creds.cert_path, tls_key=creds.key_path, tls_ca=creds.ca_path,
         tls_revoked=creds.revoked_path, api_port=LAB_API_PORT,
     ).save(layout.agent_config_path(name))

@@ -21,6 +21,9 @@ FABRIC_NAMESPACE = "nseh-fabric"
 # Fabric switch bridges.
 FABRIC_VM_BRIDGE = "vmnet"
 FABRIC_MGMT_BRIDGE = "mgmt"
+# The "internet" side: the router owns PUBLIC_ROUTER4 on it and routes between it and the VM
+# network; hosts own their VMs' floating addresses (from PUBLIC_SUBNET4) on it.
+FABRIC_PUBLIC_BRIDGE = "public"
 # The router address sits on vmnet; a fixed MAC keeps it from changing as ports come and go
 # (a bridge otherwise takes the lowest port MAC), which would leave stale neighbour entries.
 ROUTER_MAC = "02:00:0a:00:00:01"
@@ -29,6 +32,7 @@ ROUTER_MAC = "02:00:0a:00:00:01"
 HOST_VM_BRIDGE = "br-vm"
 HOST_UPLINK = "uplink"
 HOST_MGMT_LINK = "mgmt0"
+HOST_PUBLIC_LINK = "pub0"
 
 # Client side.
 CLIENT_LINK = "eth0"
@@ -39,6 +43,8 @@ ROUTER4 = IPv4Address("10.0.0.1")
 ROUTER6 = IPv6Address("fd00::1")
 MGMT_SUBNET4 = IPv4Network("10.99.0.0/24")
 MGMT_SUBNET6 = IPv6Network("fd99::/64")
+PUBLIC_SUBNET4 = IPv4Network("203.0.113.0/24")  # TEST-NET-3
+PUBLIC_ROUTER4 = IPv4Address("203.0.113.1")
 
 LAB_DIR = LAB_INVENTORY.parent
 LAB_STATE_FILE = LAB_DIR / "lab.json"
@@ -80,6 +86,10 @@ def host_fabric_vm_port(index: int) -> str:
 
 def host_fabric_mgmt_port(index: int) -> str:
     return f"{host_name(index)}-mgmt"
+
+
+def host_fabric_public_port(index: int) -> str:
+    return f"{host_name(index)}-pub"
 
 
 def client_name(index: int) -> str:

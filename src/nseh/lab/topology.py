@@ -21,12 +21,16 @@ _BASE_SYSCTLS = {
     "net.ipv6.conf.all.accept_dad": "0",
     "net.ipv6.conf.default.accept_dad": "0",
 }
-# In host namespaces: strict conntrack (DESIGN) and bridged traffic through the inet family.
+# In host namespaces: strict conntrack (DESIGN), bridged traffic through the inet family, and
+# routing from the public interface to VMs (floating addresses).
 _HOST_SYSCTLS = {
     "net.netfilter.nf_conntrack_tcp_loose": "0",
     "net.bridge.bridge-nf-call-iptables": "1",
     "net.bridge.bridge-nf-call-ip6tables": "1",
+    "net.ipv4.ip_forward": "1",
 }
+# The fabric routes between the VM network and the public one.
+_FABRIC_SYSCTLS = {"net.ipv4.ip_forward": "1"}
 
 
 def lab_namespaces() -> list[str]:
@@ -94,25 +98,33 @@ def _open(namespace: str) -> IPRoute:
 
 
 def build_fabric(hosts: int, clients: int) -> None:
-    """The switch with a port per host (VM and management network) and per client."""
+    """The switch with a port per host (VM, management and public network) and per client,
+    and the router between the VM network and the public one."""
     with _open(layout.FABRIC_NAMESPACE) as ipr:
         ipr.link("set", index=_index(ipr, "lo"), state="up")
         vmnet = _add_bridge(ipr, layout.FABRIC_VM_BRIDGE, layout.ROUTER_MAC)
         mgmt = _add_bridge(ipr, layout.FABRIC_MGMT_BRIDGE)
+        public = _add_bridge(ipr, layout.FABRIC_PUBLIC_BRIDGE)
         for i in range(1, hosts + 1):
             _add_fabric_port(ipr, vmnet, layout.host_fabric_vm_port(i), layout.HOST_UPLINK,
                              layout.host_namespace(i))
             _add_fabric_port(ipr, mgmt, layout.host_fabric_mgmt_port(i), layout.HOST_MGMT_LINK,
                              layout.host_namespace(i))
+            _add_fabric_port(ipr, public, layout.host_fabric_public_port(i),
+                             layout.HOST_PUBLIC_LINK, layout.host_namespace(i))
         for j in range(1, clients + 1):
             _add_fabric_port(ipr, vmnet, layout.client_fabric_port(j), layout.CLIENT_LINK,
                              layout.client_namespace(j))
         _add_addresses(ipr, vmnet, (str(layout.ROUTER4), layout.VM_SUBNET4.prefixlen),
                        (str(layout.ROUTER6), layout.VM_SUBNET6.prefixlen))
+        _add_addresses(ipr, public,
+                       (str(layout.PUBLIC_ROUTER4), layout.PUBLIC_SUBNET4.prefixlen))
+    set_sysctls(layout.FABRIC_NAMESPACE, _FABRIC_SYSCTLS)
 
 
 def build_host(index: int) -> None:
-    """br-vm with the uplink as its port, and the management link; needs `build_fabric`."""
+    """br-vm with the uplink as its port, the management link and the public link (no
+    address: the agent adds its VMs' floating addresses); needs `build_fabric`."""
     namespace = layout.host_namespace(index)
     with _open(namespace) as ipr:
         ipr.link("set", index=_index(ipr, "lo"), state="up")
@@ -120,6 +132,7 @@ def build_host(index: int) -> None:
         ipr.link("set", index=_index(ipr, layout.HOST_UPLINK), master=br_vm, state="up")
         mgmt0 = _index(ipr, layout.HOST_MGMT_LINK)
         ipr.link("set", index=mgmt0, state="up")
+        ipr.link("set", index=_index(ipr, layout.HOST_PUBLIC_LINK), state="up")
         _add_addresses(ipr, mgmt0,
                        (str(layout.host_mgmt_ipv4(index)), layout.MGMT_SUBNET4.prefixlen),
                        (str(layout.host_mgmt_ipv6(index)), layout.MGMT_SUBNET6.prefixlen))
