@@ -24,7 +24,9 @@ DEMO_VM = VMDefinition.from_json({
     "name": "web1",
     "memory_mib": 128,
     "network": {"ipv4": "10.0.0.10/24", "ipv6": "fd00::10/64",
-                "gateway4": str(lab.ROUTER4), "gateway6": str(lab.ROUTER6)},
+                "gateway4": str(lab.ROUTER4), "gateway6": str(lab.ROUTER6),
+                # Its host 1:1-NATs this public address to 10.0.0.10.
+                "floating_ipv4": str(lab.layout.PUBLIC_SUBNET4.network_address + 10)},
     "policy": {
         "inbound": [
             {"proto": "tcp", "ports": [7, 80], "peers": [str(lab.VM_SUBNET4),
@@ -42,7 +44,7 @@ def demo_flows(vm: VMDefinition = DEMO_VM) -> list[str]:
     assert vm.network.ipv4 is not None and vm.network.ipv6 is not None
     v4, v6 = vm.network.ipv4.ip, vm.network.ipv6.ip
     return ["--tcp", f"{v4}:7", "--tcp", f"{v4}:7", "--tcp", f"[{v6}]:7",
-            "--udp", f"{v4}:7", "--ping", str(v4)]
+            "--tcp", f"{vm.network.floating_ipv4}:7", "--udp", f"{v4}:7", "--ping", str(v4)]
 
 
 async def _migrate_with_flows(cluster: Cluster, console: Console, sc_mode: str,
