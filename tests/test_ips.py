@@ -759,3 +759,62 @@ def test_purge_removes_everything(hosts: tuple[Host, Host], server: EchoServer) 
     h1.firewall.remove_vm("web1")
     assert "vm_web1" not in h1.table()
     h1.ips.purge(scope)  # nothing left: no error
+
+
+def test_a_vm_without_ips_has_nothing_to_move(hosts: tuple[Host, Host]) -> None:
+    _, h2 = hosts
+    plain = VMDefinition.from_json({"name": "web1", "network": {"ipv4": f"{VM4}/24"}})
+    scope = VMScope(plain, MARK)
+    h2.firewall.install_vm(plain, MARK)
+    assert h2.ips.export_policy(scope) is None
+    h2.ips.import_policy(scope, None)
+    tracker = h2.ips.track(scope)
+    try:
+        assert len(tracker.collect()) == 0
+    finally:
+        tracker.close()
+    assert h2.ips.snapshot(scope) == [] and h2.ips.count(scope) == 0
+    assert h2.ips.apply(scope, [], [], replace=True).reasons == []
+    rejected = h2.ips.apply(scope, [encode_record("web1", Block(ip(ATTACKER4), 9, 9))], [])
+    assert rejected.rejected == 1 and "has no IPS" in rejected.reasons[0]
+    with pytest.raises(Exception, match="no IPS"):
+        h2.ips.block("web1", ip(ATTACKER4))
+
+
+def test_agent_api_lists_blocks_and_unblocks(hosts: tuple[Host, Host], server: EchoServer,
+                                             tmp_path: Path) -> None:
+    """The agent's ips.* handlers, on an agent object in h1 (no agent process, no QEMU)."""
+    import asyncio
+
+    from nseh.agent.config import AgentConfig
+    from nseh.agent.host import HostAgent
+    from nseh.agent.vms import VM, VMState
+    from nseh.api.server import ApiError
+
+    with netns(H1):
+        agent = HostAgent(AgentConfig(host="h1", state_dir=tmp_path, accel="tcg",
+                                      api_socket=tmp_path / "agent.sock",
+                                      management_address="10.99.0.1"))
+    definition = vm_definition()
+    scope = VMScope(definition, MARK)
+    agent.firewall.install_vm(definition, MARK)
+    agent.ips.import_policy(scope, agent.ips.export_policy(scope))
+    agent.vms["web1"] = VM(definition, MARK, VMState.RUNNING, tmp_path / "web1", "tcg")
+
+    def call(handler: Any, **params: Any) -> Any:
+        return asyncio.run(handler(params, lambda event: None))
+
+    assert call(agent.ips_block, name="web1", source=ATTACKER4, seconds=30) == {
+        "name": "web1", "source": ATTACKER4, "timeout_s": 30.0}
+    assert not reaches(ATTACKER) and reaches(LEGIT)
+    [listed] = call(agent.ips_list, name="web1")["blocks"]
+    assert listed["source"] == ATTACKER4 and 27 < listed["expires_s"] <= 30  # a drop took 1 s
+    assert call(agent.ips_unblock, name="web1", source=ATTACKER4)["unblocked"]
+    assert reaches(ATTACKER)
+    for params, code in (({"name": "web1", "source": "nope"}, "bad-request"),
+                         ({"name": "web1", "source": ATTACKER4, "seconds": 0}, "bad-request"),
+                         ({"name": "web1", "source": VM4}, "ips"),
+                         ({"name": "web9", "source": ATTACKER4}, "not-found")):
+        with pytest.raises(ApiError) as raised:
+            call(agent.ips_block, **params)
+        assert raised.value.code == code

@@ -73,7 +73,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import nftables
@@ -389,16 +389,16 @@ class _VmIps:
     scope: VMScope
     policy: IpsPolicy
     detector: Detector
-    trackers: list[IpsTracker] = field(default_factory=list)
 
 
 class IpsTracker:
-    """A VM's IPS changes since the last collection. Its file descriptor (an eventfd) turns
-    readable when a detection in progress changed; blocklists are diffed at every collect."""
+    """A VM's IPS changes since the last collection (none for a VM without an IPS). Its file
+    descriptor (an eventfd) turns readable when a detection in progress changed; blocklists
+    are diffed at every collect."""
 
-    def __init__(self, engine: IpsEngine, vm: _VmIps, blocks: dict[IPAddress, float]) -> None:
+    def __init__(self, engine: IpsEngine, name: str, blocks: dict[IPAddress, float]) -> None:
         self.engine = engine
-        self.vm = vm
+        self.name = name
         self.blocks = blocks  # source -> deadline on this host's clock, as last collected
         self.touched: set[IPAddress] = set()
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -435,6 +435,7 @@ class IpsEngine:
         self._text = nftables.Nftables()  # for element timeouts in ms, both ways
         self._lock = threading.RLock()
         self._vms: dict[str, _VmIps] = {}
+        self._trackers: dict[str, list[IpsTracker]] = {}
         self._nflog: NflogSocket | None = None
 
     # -- nft -------------------------------------------------------------------------------
@@ -510,7 +511,7 @@ class IpsEngine:
                 if parsed is None or vm is None:
                     continue
                 event = parsed[1]
-                for tracker in vm.trackers:
+                for tracker in self._trackers.get(vm.scope.name, []):
                     tracker.touch(event.source)
                 detection = vm.detector.observe(event)
                 if detection is not None:
@@ -597,18 +598,21 @@ class IpsEngine:
 
     def track(self, vm: VMScope) -> IpsTracker:
         with self._lock:
-            known = self._vm(vm.name)
-            tracker = IpsTracker(self, known, self._deadlines(vm.name))
-            known.trackers.append(tracker)
+            deadlines: dict[IPAddress, float] = {}
+            if vm.name in self._vms:
+                now = self.clock()
+                deadlines = {b.source: now + b.expires_ms / 1000
+                             for b in self._read_blocks(vm.name)}
+            tracker = IpsTracker(self, vm.name, deadlines)
+            self._trackers.setdefault(vm.name, []).append(tracker)
             return tracker
-
-    def _deadlines(self, name: str) -> dict[IPAddress, float]:
-        now = self.clock()
-        return {b.source: now + b.expires_ms / 1000 for b in self._read_blocks(name)}
 
     def _collect(self, tracker: IpsTracker) -> Delta:
         with self._lock:
-            name = tracker.vm.scope.name
+            name = tracker.name
+            known = self._vms.get(name)
+            if known is None:
+                return Delta()
             now = self.clock()
             blocks = {b.source: b for b in self._read_blocks(name)}
             delta = Delta()
@@ -622,7 +626,7 @@ class IpsEngine:
             tracker.blocks = {s: now + b.expires_ms / 1000 for s, b in blocks.items()}
             touched = sorted(tracker.touched, key=str)
             tracker.touched.clear()
-            states = {s.source: s for s in tracker.vm.detector.export(now, touched)}
+            states = {s.source: s for s in known.detector.export(now, touched)}
             for source in touched:
                 if source in states:
                     delta.upserts.append(encode_record(name, states[source]))
@@ -632,8 +636,11 @@ class IpsEngine:
 
     def _untrack(self, tracker: IpsTracker) -> None:
         with self._lock:
-            if tracker in tracker.vm.trackers:
-                tracker.vm.trackers.remove(tracker)
+            trackers = self._trackers.get(tracker.name, [])
+            if tracker in trackers:
+                trackers.remove(tracker)
+            if not trackers:
+                self._trackers.pop(tracker.name, None)
 
     def count(self, vm: VMScope) -> int:
         with self._lock:
@@ -656,7 +663,8 @@ class IpsEngine:
         with self._lock:
             known = self._vms.get(vm.name)
             if known is None:
-                result.reject(len(upserts) + len(deletes), f"VM {vm.name} has no IPS here")
+                if upserts or deletes:
+                    result.reject(len(upserts) + len(deletes), f"VM {vm.name} has no IPS here")
                 return result
             now = self.clock()
             if replace:
