@@ -549,6 +549,8 @@ class IpsEngine:
                                f"{reason or f'{ms // 1000} s is not in 1..{MAX_BLOCK_SECONDS}'}")
             self._run_text(element_commands(name, [block], []), f"block {source} for {name}")
             vm.detector.forget(source)
+            for tracker in self._trackers.get(name, []):
+                tracker.touch(source)  # its detection in progress is gone: a delete to send
             log.warning("IPS %s: blocked %s for %d s by an operator", name, source, ms // 1000)
             return block
 
