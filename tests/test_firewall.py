@@ -246,6 +246,7 @@ def test_vm_policy_rules_and_dispatch() -> None:
     accept = {"accept": None}
     assert _rules(commands, "vm_web1_in") == [
         mark,
+        [{"jump": {"target": "vm_web1_in_head"}}],  # other engines' hook chains
         [{"match": {"op": "==", "left": tcp, "right": {"set": [7, 80]}}}, accept],
         [{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}},
                     "right": 53}}, accept],
@@ -265,6 +266,7 @@ def test_vm_policy_rules_and_dispatch() -> None:
         # A /0 peer restricts the family only.
         [{"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv4"}},
          {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}}, accept],
+        [{"jump": {"target": "vm_web1_in_tail"}}],
         [{"counter": "vm_web1_in_drops"}, {"drop": None}],
     ]
     # Outbound: peers are destinations, allowed traffic returns to the base chain.
@@ -289,8 +291,8 @@ def test_vm_policy_renders_only_the_vms_families() -> None:
     vm = VMDefinition.from_json({"name": "v4only", "network": {"ipv4": "10.0.0.5/24"}})
     commands = render_vm_policy(vm, 1)
     assert set(_elements(commands)) == {"out4", "in4"}
-    # No rules: only the mark and the counted drop.
-    assert len(_rules(commands, "vm_v4only_in")) == 2
+    # No rules: only the mark, the hook jumps and the counted drop.
+    assert len(_rules(commands, "vm_v4only_in")) == 4
 
 
 @pytest.mark.parametrize("mark", [0, -1, 2**32])

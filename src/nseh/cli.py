@@ -38,6 +38,9 @@ pki_app = typer.Typer(help="The cluster CA and the hosts' certificates for the S
 app.add_typer(pki_app, name="pki")
 app.add_typer(vm_app, name="vm")
 app.add_typer(host_app, name="host")
+ips_app = typer.Typer(help="A VM's intrusion prevention: its blocked sources.",
+                      no_args_is_help=True)
+app.add_typer(ips_app, name="ips")
 
 out = Console()
 err = Console(stderr=True)
@@ -261,6 +264,62 @@ def host_counters(host: str, inventory: InventoryOption = None,
         for name, packets in sorted(counters.items()):
             table.add_row(name, str(packets))
         out.print(table)
+
+
+# -- IPS --------------------------------------------------------------------------------
+
+
+def ips_call(inventory: Path | None, method: str, params: dict[str, Any]) -> Any:
+    """Call `method` on the agent of the host where VM `params["name"]` runs."""
+    nodes = cluster(inventory)
+
+    async def call() -> Any:
+        host = await nodes.locate(params["name"])
+        return await nodes.call(host, method, params, timeout=30)
+
+    return run(call())
+
+
+@ips_app.command("list")
+def ips_list(vm: Annotated[str, typer.Argument(help="VM name.")],
+             inventory: InventoryOption = None, as_json: JsonOption = False) -> None:
+    """The sources the VM's IPS blocks, with their remaining time."""
+    result = ips_call(inventory, "ips.list", {"name": vm})
+    if as_json:
+        print_json(result)
+        return
+    table = Table("source", "blocked for", "remaining", title=f"{vm} on {result['host']}")
+    for block in result["blocks"]:
+        table.add_row(block["source"], f"{block['timeout_s']:.0f} s",
+                      f"{block['expires_s']:.1f} s")
+    out.print(table)
+
+
+@ips_app.command("block")
+def ips_block(vm: Annotated[str, typer.Argument(help="VM name.")],
+              source: Annotated[str, typer.Argument(help="Address to block.")],
+              seconds: Annotated[int | None, typer.Option(
+                  help="How long (default: the VM's block_seconds).", min=1)] = None,
+              inventory: InventoryOption = None, as_json: JsonOption = False) -> None:
+    """Block a source address for the VM's new inbound connections."""
+    result = ips_call(inventory, "ips.block", {"name": vm, "source": source, "seconds": seconds})
+    if as_json:
+        print_json(result)
+    else:
+        out.print(f"{vm}: {result['source']} blocked for {result['timeout_s']:.0f} s")
+
+
+@ips_app.command("unblock")
+def ips_unblock(vm: Annotated[str, typer.Argument(help="VM name.")],
+                source: Annotated[str, typer.Argument(help="Address to unblock.")],
+                inventory: InventoryOption = None, as_json: JsonOption = False) -> None:
+    """Remove a source's block; its detections start from zero."""
+    result = ips_call(inventory, "ips.unblock", {"name": vm, "source": source})
+    if as_json:
+        print_json(result)
+    else:
+        out.print(f"{vm}: {result['source']} "
+                  f"{'unblocked' if result['unblocked'] else 'was not blocked'}")
 
 
 # -- PKI --------------------------------------------------------------------------------

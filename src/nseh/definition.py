@@ -23,6 +23,12 @@ A definition is a TOML file written by the operator, for example::
     proto = "tcp"
     ports = [7]                 # destinations' ports
 
+    [policy.ips]                # optional intrusion prevention (nseh.agent.ips)
+    portscan = { ports = 10, seconds = 30 }     # > 10 distinct closed ports in 30 s
+    bruteforce = { ports = [22], connections = 5, seconds = 60 }
+    max_connections_per_source = 50
+    block_seconds = 300         # how long a detected source stays blocked
+
 Loading never raises anything but `DefinitionError`, whose message is one line that names
 the file and the offending field.
 """
@@ -75,9 +81,50 @@ class Rule(_Strict):
         return self
 
 
+# IPS thresholds are strict integers: TOML `true` or "10" is a mistake, not a number.
+Count = Annotated[int, Field(strict=True, ge=1, le=100_000)]
+Seconds = Annotated[int, Field(strict=True, ge=1, le=86_400)]
+# Longest block: a week. Blocks are also bounded so a migrated record cannot pin a source forever.
+MAX_BLOCK_SECONDS = 7 * 86_400
+
+
+class PortScan(_Strict):
+    """A source that touches more than `ports` distinct closed ports within `seconds`."""
+
+    ports: Count
+    seconds: Seconds
+
+
+class BruteForce(_Strict):
+    """A source that opens more than `connections` new TCP connections to the protected
+    `ports` (together) within `seconds`."""
+
+    ports: tuple[Port, ...] = Field(min_length=1)
+    connections: Count
+    seconds: Seconds
+
+    @field_validator("ports")
+    @classmethod
+    def _distinct(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("ports must be distinct")
+        return value
+
+
+class IpsPolicy(_Strict):
+    """Intrusion prevention for a VM: what counts as an attack, and how long its source is
+    blocked. Without any detection the VM still has a blocklist operators can fill."""
+
+    portscan: PortScan | None = None
+    bruteforce: BruteForce | None = None
+    max_connections_per_source: Annotated[int, Field(strict=True, ge=1, le=65_535)] | None = None
+    block_seconds: Annotated[int, Field(strict=True, ge=1, le=MAX_BLOCK_SECONDS)] = 300
+
+
 class Policy(_Strict):
     inbound: tuple[Rule, ...] = ()
     outbound: tuple[Rule, ...] = ()
+    ips: IpsPolicy | None = None
 
 
 class Network(_Strict):

@@ -24,7 +24,9 @@ conntrack in the `bridge` family). The host table `inet nseh` looks like this::
         }
         counter vm_<name>_in_drops / vm_<name>_out_drops
         chain vm_<name>_out { ct mark set <mark>; <allow rules> return; counter ... drop }
-        chain vm_<name>_in  { ct mark set <mark>; <allow rules> accept; counter ... drop }
+        chain vm_<name>_in  { ct mark set <mark>; jump vm_<name>_in_head;
+                              <allow rules> accept; jump vm_<name>_in_tail; counter ... drop }
+        chain vm_<name>_in_head / vm_<name>_in_tail     # hook chains, see below
 
         # Floating IPs (1:1 NAT), for VMs that have one:
         map dnat4 { type ipv4_addr : verdict }   # floating address -> goto vm_<name>_dnat
@@ -39,6 +41,11 @@ Only packets that open a connection reach a VM's chains, so `ct mark set` marks 
 VM's new connections; the kernel can then select a VM's conntrack entries by mark. For
 traffic between two VMs on the same host the destination VM's mark wins (its chain runs
 last).
+
+The hook chains are where other security engines act on a VM's new inbound connections
+(the IPS, `nseh.agent.ips`): `head` before the allow rules (it may drop), `tail` after them,
+reached only by what the policy drops. The firewall creates them empty and removes them with
+the VM, but never flushes them when it replaces a policy: their rules belong to those engines.
 
 A VM's policy is added, replaced and removed in one nft transaction each, so a VM is never
 reachable with a half-installed policy.
@@ -101,6 +108,12 @@ class FirewallError(RuntimeError):
 def vm_chain(name: str, direction: str) -> str:
     """Name of a VM's inbound ("in"), outbound ("out"), "dnat" or "snat" chain."""
     return f"vm_{name}_{direction}"
+
+
+def vm_in_hook(name: str, position: str) -> str:
+    """Name of a hook chain of a VM's inbound chain: "head" runs before the allow rules,
+    "tail" after them (only for what the policy drops)."""
+    return f"vm_{name}_in_{position}"
 
 
 def vm_drop_counter(name: str, direction: str) -> str:
@@ -244,6 +257,10 @@ def render_vm_policy(definition: VMDefinition, mark: int) -> list[dict[str, Any]
         chain = _obj(name=vm_chain(name, direction))
         in_chain = _obj(chain=vm_chain(name, direction))
         counter = vm_drop_counter(name, direction)
+        # Inbound only: the hook chains (added, never flushed: other engines fill them).
+        hooks = [vm_in_hook(name, position) for position in ("head", "tail")] \
+            if direction == "in" else []
+        commands += [{"add": {"chain": _obj(name=hook)}} for hook in hooks]
         commands += [
             {"add": {"counter": _obj(name=counter)}},
             {"add": {"chain": chain}},
@@ -251,9 +268,15 @@ def render_vm_policy(definition: VMDefinition, mark: int) -> list[dict[str, Any]
             {"add": {"rule": {**in_chain, "expr": [
                 {"mangle": {"key": {"ct": {"key": "mark"}}, "value": mark}}]}}},
         ]
+        if hooks:
+            commands.append({"add": {"rule": {**in_chain, "expr": [
+                {"jump": {"target": hooks[0]}}]}}})
         for rule in rules:
             for exprs in _rule_exprs(rule, peer_field):
                 commands.append({"add": {"rule": {**in_chain, "expr": [*exprs, allow]}}})
+        if hooks:
+            commands.append({"add": {"rule": {**in_chain, "expr": [
+                {"jump": {"target": hooks[1]}}]}}})
         commands.append({"add": {"rule": {**in_chain, "expr": [{"counter": counter},
                                                                 {"drop": None}]}}})
     for address in definition.addresses:
@@ -317,9 +340,12 @@ def render_vm_removal(name: str, addresses: Iterable[IPAddress],
     commands: list[dict[str, Any]] = _nat_removal(name, nat_keys or {})
     for address in addresses:
         commands += _element_removal(address)
-    for direction in ("out", "in"):
-        chain = _obj(name=vm_chain(name, direction))
-        commands += [{"flush": {"chain": chain}}, {"delete": {"chain": chain}}]
+    chains = [vm_chain(name, "out"), vm_chain(name, "in"), vm_in_hook(name, "head"),
+              vm_in_hook(name, "tail")]  # the inbound chain jumps to the hooks: delete it first
+    for chain in chains:
+        # "add" first: a policy installed before the hooks existed is removed all the same.
+        commands += [{"add": {"chain": _obj(name=chain)}}, {"flush": {"chain": _obj(name=chain)}},
+                     {"delete": {"chain": _obj(name=chain)}}]
     for direction in ("out", "in"):
         commands.append({"delete": {"counter": _obj(name=vm_drop_counter(name, direction))}})
     return commands

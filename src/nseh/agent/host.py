@@ -17,6 +17,7 @@ from nseh.agent.config import AgentConfig
 from nseh.agent.conntrack import enable_event_generation
 from nseh.agent.engines import FirewallEngine, SecurityEngine, VMScope
 from nseh.agent.firewall import Firewall
+from nseh.agent.ips import IpsEngine, IpsError
 from nseh.agent.network import (
     NetworkError,
     claim_floating,
@@ -51,8 +52,9 @@ class HostAgent:
         self.vms_dir = config.state_dir / "vms"
         self.accel = detect_accel(config.accel)
         self.firewall = Firewall()
+        self.ips = IpsEngine()
         # Every security engine whose state migrates with a VM. New engines register here.
-        self.engines: list[SecurityEngine] = [FirewallEngine(self.firewall)]
+        self.engines: list[SecurityEngine] = [FirewallEngine(self.firewall), self.ips]
         self.credentials = config.credentials()
         self.vms: dict[str, VM] = {}
         self._image: GuestImage | None = None
@@ -72,6 +74,9 @@ class HostAgent:
         for vm in self.vms.values():
             if vm.state == VMState.RUNNING:
                 await self._claim_floating(vm)
+        # IPS events (NFLOG) are read on the event loop: a few per new connection at most.
+        self.ips.start()
+        asyncio.get_running_loop().add_reader(self.ips.fileno(), self.ips.poll)
         sc_server = None
         if self.credentials is not None:
             sc_server = await sc_channel.serve(
@@ -103,6 +108,8 @@ class HostAgent:
         if sc_server is not None:
             sc_server.close()
             await sc_server.wait_closed()
+        loop.remove_reader(self.ips.fileno())
+        self.ips.stop()
         self.config.api_socket.unlink(missing_ok=True)
 
     def _readopt(self) -> None:
@@ -117,6 +124,9 @@ class HostAgent:
             if installed.get(vm.name) != vm.mark:
                 log.warning("VM %s: firewall policy missing; reinstalling", vm.name)
                 self.firewall.install_vm(vm.definition, vm.mark)
+            # The kernel kept the blocklists; detections in progress died with the old agent.
+            scope = VMScope(vm.definition, vm.mark)
+            self.ips.import_policy(scope, self.ips.export_policy(scope))
             log.info("re-adopted VM %s (%s, QEMU pid %s)", vm.name, vm.state, vm.pid())
 
     async def guest_image(self, emit: Emit) -> GuestImage:
@@ -137,6 +147,9 @@ class HostAgent:
             "vm.exec": self.vm_exec,
             "vm.migrate": self.vm_migrate,
             "firewall.counters": self.firewall_counters,
+            "ips.list": self.ips_list,
+            "ips.block": self.ips_block,
+            "ips.unblock": self.ips_unblock,
             "migration.prepare": self.migration_prepare,
             "migration.commit": self.migration_commit,
             "migration.abort": self.migration_abort,
@@ -307,6 +320,44 @@ class HostAgent:
 
     async def firewall_counters(self, params: dict[str, Any], emit: Emit) -> dict[str, int]:
         return self.firewall.counters()
+
+    # -- API: IPS -------------------------------------------------------------------------
+
+    def _ips_source(self, params: dict[str, Any]) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        try:
+            return ipaddress.ip_address(params.get("source"))
+        except ValueError:
+            raise ApiError("bad-request", f"source {params.get('source')!r} is not an IPv4 or "
+                                          "IPv6 address") from None
+
+    async def ips_list(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        vm = self._vm(params)
+        try:
+            blocks = await asyncio.to_thread(self.ips.blocks, vm.name)
+        except IpsError as exc:
+            raise ApiError("ips", str(exc)) from None
+        return {"name": vm.name, "host": self.host,
+                "blocks": [{"source": str(b.source), "timeout_s": b.timeout_ms / 1000,
+                            "expires_s": b.expires_ms / 1000} for b in blocks]}
+
+    async def ips_block(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        vm, source = self._vm(params), self._ips_source(params)
+        seconds = params.get("seconds")
+        if seconds is not None and (type(seconds) is not int or seconds < 1):
+            raise ApiError("bad-request", f"seconds {seconds!r} is not a positive integer")
+        try:
+            block = await asyncio.to_thread(self.ips.block, vm.name, source, seconds)
+        except IpsError as exc:
+            raise ApiError("ips", str(exc)) from None
+        return {"name": vm.name, "source": str(block.source), "timeout_s": block.timeout_ms / 1000}
+
+    async def ips_unblock(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        vm, source = self._vm(params), self._ips_source(params)
+        try:
+            removed = await asyncio.to_thread(self.ips.unblock, vm.name, source)
+        except IpsError as exc:
+            raise ApiError("ips", str(exc)) from None
+        return {"name": vm.name, "source": str(source), "unblocked": removed}
 
     # -- API: migration, source side -----------------------------------------------------
 
