@@ -97,6 +97,20 @@ def test_microbench_target_verdicts():
     assert found[("SC insert", "micro-benchmark, 100,000 entries")] is False  # 240k/s
 
 
+def test_agent_memory_verdict_needs_a_run_that_moved_100000_entries():
+    def verdict(sizes: list[int], peaks: dict[str, float]) -> dict:
+        run = {"sizes": sizes, "agent_peak_rss_mib": peaks}
+        found = [t for t in summarize([], run_info=run)["targets"]
+                 if t["target"].startswith("agent peak memory")]
+        assert len(found) == 1
+        return found[0]
+
+    assert verdict([0, 100_000], {"h1": 90.5, "h2": 120.0})["met"] is True
+    over = verdict([0, 100_000], {"h1": 90.5, "h2": 151.0})
+    assert over["met"] is False and over["figure"] == "h1 90.5 MiB, h2 151.0 MiB"
+    assert verdict([0, 10_000], {"h1": 50.0, "h2": 50.0})["met"] is None
+
+
 def test_targets_not_in_the_run_are_not_measured():
     verdicts = summarize([sample("none", 10, 500, workload="idle", size=0)])["targets"]
     assert verdicts and all(t["met"] is None for t in verdicts)
@@ -200,12 +214,16 @@ def test_the_quick_bench_measures_every_cell(tmp_path: Path):
     assert cells == {(workload, size, mode): 2 for workload in ("idle", "http")
                      for size in (0, 10_000) for mode in ("none", "stopcopy", "precopy")}
     assert summary["failed"] == 0
+    assert set(summary["run"]["agent_peak_rss_mib"]) == {"h1", "h2"}
+    assert all(mib > 10 for mib in summary["run"]["agent_peak_rss_mib"].values())
     for s in samples:
         assert s.ok and s.downtime_ms is not None and s.vm_host_after == s.direction[-2:], s
         assert (s.live_entries or 0) + (s.synthetic_entries or 0) >= s.size
         if s.mode != "none":
             assert s.sc_entries >= s.size, s
             assert s.flows_survived == s.flows == 5, s
+            # QEMU's pause in pre-switchover holds the SC's own time in it.
+            assert s.sc_pause_ms is not None and s.sc_pause_ms >= s.sc_stop_window_ms, s
         if s.mode != "none" and s.workload == "idle":
             assert s.sc_rejected == 0, s
 

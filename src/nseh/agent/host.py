@@ -11,6 +11,7 @@ import logging
 import signal
 import socket
 import ssl
+from pathlib import Path
 from typing import Any
 
 from nseh.agent.config import AgentConfig
@@ -274,7 +275,7 @@ class HostAgent:
 
     async def host_info(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         return {"host": self.host, "management_address": str(self.config.management_address),
-                "accel": self.accel, "vms": sorted(self.vms)}
+                "accel": self.accel, "vms": sorted(self.vms), **_agent_memory()}
 
     async def vm_list(self, params: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         return [vm.describe(self.host) for vm in self.vms.values()]
@@ -459,3 +460,14 @@ class HostAgent:
             raise ApiError("busy", f"VM {vm.name} is {vm.state} on {self.host}; not aborting")
         await self._destroy(vm)
         return {"aborted": True}
+
+
+def _agent_memory() -> dict[str, float]:
+    """The agent's resident memory now and its peak since it started, in MiB."""
+    fields = {"VmRSS": "agent_rss_mib", "VmHWM": "agent_peak_rss_mib"}
+    memory: dict[str, float] = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in fields:
+            memory[fields[key]] = round(int(value.split()[0]) / 1024, 1)  # kB
+    return memory

@@ -47,6 +47,7 @@ class Sample:
     sc_rounds: int | None = None
     sc_final_delta: int | None = None
     sc_stop_window_ms: float | None = None
+    sc_pause_ms: float | None = None
     sc_rejected: int | None = None
     sc_reasons: str | None = None  # the destination's first reasons for rejecting, "; "-joined
     sc_destination_entries: int | None = None
@@ -123,6 +124,7 @@ _FIGURES = (
     ("sc_rounds", "sc_rounds", 1),
     ("sc_final_delta", "sc_final_delta", 1),
     ("sc_stop_window_ms", "sc_stop_window_ms", 1),
+    ("sc_pause_ms", "sc_pause_ms", 1),
     ("sc_rejected", "sc_rejected", 1),
     ("longest_tcp_gap_ms", "longest_tcp_gap_ms", 1),
     ("http_requests_per_s", "http_requests_per_s", 1),
@@ -137,6 +139,7 @@ DOWNTIME_TARGET_SIZES = (10_000, 100_000)
 DOWNTIME_TARGET_WORKLOAD = "http"
 TOTAL_MAX_RATIO, TOTAL_TARGET_SIZE = 1.10, 100_000
 DUMP_MIN_SPEEDUP, INSERT_MIN_RATE = 1.5, 250_000
+AGENT_MAX_PEAK_MIB, AGENT_MEMORY_TARGET_SIZE = 150, 100_000
 
 
 def stat(values: Iterable[float | None]) -> dict[str, float] | None:
@@ -192,9 +195,20 @@ def _ratio_text(over: dict[str, float]) -> str:
     return f"{over['value']:g} vs {over['base']:g} ms: {over['delta']:+.1f} ms{ratio}"
 
 
-def targets(over: list[dict[str, Any]], microbench: dict[str, Any] | None) -> list[dict[str, Any]]:
+def targets(over: list[dict[str, Any]], microbench: dict[str, Any] | None,
+            run_info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The verdict on each target: met True/False, or None when this run did not measure it."""
     verdicts: list[dict[str, Any]] = []
+    info = run_info or {}
+    peaks = info.get("agent_peak_rss_mib") or {}
+    moved_target_size = AGENT_MEMORY_TARGET_SIZE in info.get("sizes", [])
+    verdicts.append({
+        "target": f"agent peak memory <= {AGENT_MAX_PEAK_MIB} MB",
+        "where": "both agents, whole run"
+                 + (f" (SCs of {AGENT_MEMORY_TARGET_SIZE:,} entries)" if moved_target_size else ""),
+        "met": max(peaks.values()) <= AGENT_MAX_PEAK_MIB if peaks and moved_target_size else None,
+        "figure": ", ".join(f"{host} {mib:,.1f} MiB" for host, mib in sorted(peaks.items()))
+        or "not measured"})
     find = {(o["workload"], o["size"], o["mode"]): o for o in over}
     for size in DOWNTIME_TARGET_SIZES:
         row = find.get((DOWNTIME_TARGET_WORKLOAD, size, "precopy"))
@@ -271,7 +285,8 @@ def summarize(samples: Sequence[Sample], *, microbench: dict[str, Any] | None = 
             "failed": sum(not s.ok for s in samples),
             "qemu_times_missing": sum(s.ok and s.total_time_ms is None for s in samples),
             "rejections": _rejections(samples), "cells": cells, "overheads": over,
-            "targets": targets(over, microbench), "memory_check": memory_check(cells),
+            "targets": targets(over, microbench, run_info),
+            "memory_check": memory_check(cells),
             "microbench": microbench}
 
 
@@ -335,12 +350,13 @@ def to_markdown(summary: dict[str, Any]) -> str:
     lines += ["", "## Migrations", ""]
     lines += _table(
         ("workload", "SC size", "mode", "live + synthetic entries", "QEMU downtime",
-         "QEMU total", "wall", "SC in stop window", "SC entries moved", "RAM sent MiB",
+         "QEMU total", "wall", "SC in stop window", "QEMU pre-switchover pause",
+         "SC entries moved", "RAM sent MiB",
          "dirty syncs", "longest TCP gap", "flows survived", "failed"),
         ((c["workload"], f"{c['size']:,}", c["mode"],
           f"{span(c['live_entries'])} + {span(c['synthetic_entries'])}",
           span(c["downtime_ms"]), span(c["total_time_ms"]), span(c["wall_ms"]),
-          span(c["sc_stop_window_ms"]), span(c["sc_entries"]),
+          span(c["sc_stop_window_ms"]), span(c["sc_pause_ms"]), span(c["sc_entries"]),
           span(c["ram_transferred_mib"]), span(c["dirty_sync_count"]),
           span(c["longest_tcp_gap_ms"]), f"{c['flows_survived']}/{c['flows']}",
           f"{c['failed']}/{c['samples']}") for c in summary["cells"]))

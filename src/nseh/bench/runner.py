@@ -158,6 +158,10 @@ async def _run_matrix(cluster: Cluster, config: BenchConfig, samples: list[Sampl
             samples.append(sample)
             progress.console.print(escape(describe(sample)), highlight=False)
             progress.advance(task)
+    # VmHWM: each agent's peak over the whole run, so it covers the largest SC moved.
+    info["agent_peak_rss_mib"] = {
+        host: (await cluster.call(host, "host.info"))["agent_peak_rss_mib"]
+        for host in ("h1", "h2")}
 
 
 async def _guest(cluster: Cluster, command: str) -> None:
@@ -244,6 +248,7 @@ def record_report(sample: Sample, report: dict[str, Any]) -> None:
         sample.sc_entries, sample.sc_bytes, sample.sc_rounds = (
             sc["entries"], sc["bytes"], sc["rounds"])
         sample.sc_final_delta, sample.sc_stop_window_ms = sc["final_delta"], sc["stop_window_ms"]
+        sample.sc_pause_ms = sc.get("pause_ms")
         sample.sc_rejected = sc["rejected"]
         sample.sc_reasons = "; ".join(sc["reasons"]) or None
         sample.sc_destination_entries = sc["destination_entries"]
@@ -274,6 +279,8 @@ def describe(sample: Sample) -> str:
         return f"{head} ({sample.failure})"
     stop = (f", SC {sample.sc_stop_window_ms:.1f} ms in stop window"
             if sample.sc_stop_window_ms is not None else "")
+    if sample.sc_pause_ms is not None:
+        stop += f" (QEMU paused {sample.sc_pause_ms:.1f} ms)"
     return (f"{head}, downtime {sample.downtime_ms} ms, total {sample.total_time_ms} ms, "
             f"wall {sample.wall_ms} ms{stop}, entries {sample.live_entries} live + "
             f"{sample.synthetic_entries}, flows {sample.flows_survived}/{sample.flows}, "

@@ -163,14 +163,18 @@ class SourceMigration:
                 setup_deadline = time.monotonic() + SETUP_TIMEOUT
                 async with asyncio.timeout(TRANSFER_TIMEOUT):
                     while True:
+                        emitted_at = None
                         try:
                             event = await asyncio.wait_for(events.get(), TICK)
                             status = {"status": event["data"]["status"]}
+                            stamp = event.get("timestamp", {})
+                            emitted_at = stamp.get("seconds", 0) + stamp.get(
+                                "microseconds", 0) / 1e6 or None
                         except TimeoutError:
                             status = await self._tick(qmp, setup_deadline)
                         outcome = qemu_outcome(status)
                         if outcome == QemuOutcome.PRE_SWITCHOVER:
-                            await self._switchover(qmp)
+                            await self._switchover(qmp, emitted_at)
                         elif outcome in (QemuOutcome.COMPLETED, QemuOutcome.FAILED):
                             info = await self._final_figures(qmp)
                             self.final_info = info
@@ -207,12 +211,16 @@ class SourceMigration:
             self._drill(Phase.TRANSFER)
         return info
 
-    async def _switchover(self, qmp: QMPClient) -> None:
+    async def _switchover(self, qmp: QMPClient, paused_at: float | None) -> None:
+        """`paused_at`: QEMU's (wall-clock) time stamp of its pre-switchover event, if the
+        pause was seen through the event rather than a poll."""
         assert self.sc is not None
         self.run_state.advance()  # TRANSFER -> SWITCHOVER
         await self.sc.send_final()
         self._drill(Phase.SWITCHOVER)
         await qmp.execute("migrate-continue", {"state": "pre-switchover"})
+        if paused_at is not None:
+            self.sc.stats.pause_ms = (time.time() - paused_at) * 1000
         self._phase(f"final SC ({self.sc.stats.final_delta} records) applied in "
                     f"{self.sc.stats.stop_window_ms:.1f} ms; QEMU switches over")
 

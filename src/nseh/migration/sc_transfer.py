@@ -65,6 +65,9 @@ class ScStats:
     resyncs: int = 0
     final_delta: int = 0  # records sent inside the stop window
     stop_window_ms: float = 0.0  # SC time inside QEMU's stop window
+    # How long QEMU stayed paused in pre-switchover: from its event to `migrate-continue`,
+    # i.e. stop_window_ms plus the source agent's reaction to the event.
+    pause_ms: float | None = None
     rejected: int = 0
     reasons: list[str] = field(default_factory=list)
     destination_entries: int | None = None  # the VM's entries on the destination at the end
@@ -72,6 +75,8 @@ class ScStats:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["stop_window_ms"] = round(self.stop_window_ms, 2)
+        if self.pause_ms is not None:
+            data["pause_ms"] = round(self.pause_ms, 2)
         return data
 
 
