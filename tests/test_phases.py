@@ -3,10 +3,12 @@
 import pytest
 
 from nseh.migration.phases import (
+    Handover,
     MigrationRun,
     Phase,
     ProtocolViolation,
     QemuOutcome,
+    handover_from_commit_error,
     migration_report,
     qemu_outcome,
 )
@@ -26,8 +28,8 @@ def test_a_successful_run_passes_every_phase_in_order():
         run.advance()
 
 
-@pytest.mark.parametrize("steps", [0, 1, 2, 3])
-def test_failure_before_commit_rolls_back(steps):
+@pytest.mark.parametrize("steps", [0, 1, 2])
+def test_failure_before_the_handover_rolls_back(steps):
     run = new_run()
     for _ in range(steps):
         run.advance()
@@ -37,6 +39,59 @@ def test_failure_before_commit_rolls_back(steps):
     assert run.failure == f"{failed_in}: boom"
     run.advance()
     assert run.phase == Phase.FAILED and run.finished
+
+
+def at_commit() -> MigrationRun:
+    run = new_run()
+    for _ in range(3):
+        run.advance()
+    assert run.phase == Phase.COMMIT
+    return run
+
+
+def test_a_failed_commit_is_unsettled_until_the_destination_answers():
+    run = at_commit()
+    assert run.fail("destination agent unreachable") is False
+    assert run.unsettled and run.phase == Phase.COMMIT
+    run.settle(Handover.UNKNOWN)
+    assert run.unsettled
+    assert migration_report(run, {})["result"] == "unsettled"
+
+
+def test_a_commit_settled_as_moved_finishes_the_migration():
+    run = at_commit()
+    run.fail("timeout")
+    run.settle(Handover.MOVED)
+    assert not run.unsettled and run.failure is None and run.phase == Phase.CLEANUP
+    run.advance()
+    assert migration_report(run, {})["result"] == "migrated"
+
+
+def test_a_commit_settled_as_stayed_rolls_back_without_purging():
+    run = at_commit()
+    run.fail("destination QEMU is not running")
+    run.settle(Handover.STAYED)
+    assert run.phase == Phase.ROLLBACK and not run.unsettled
+    run.advance()
+    assert migration_report(run, {})["result"] == "failed"
+
+
+def test_only_a_failed_commit_can_be_settled():
+    run = at_commit()
+    with pytest.raises(ProtocolViolation):
+        run.settle(Handover.MOVED)
+    run.advance()
+    run.fail("cleanup failed")
+    with pytest.raises(ProtocolViolation):
+        run.settle(Handover.STAYED)
+
+
+@pytest.mark.parametrize(("code", "outcome"), [
+    ("not-found", Handover.STAYED), ("commit-failed", Handover.STAYED),
+    ("unreachable", Handover.UNKNOWN), ("busy", Handover.UNKNOWN),
+])
+def test_what_a_refused_commit_says_about_the_handover(code, outcome):
+    assert handover_from_commit_error(code) == outcome
 
 
 def test_failure_after_commit_keeps_the_move():

@@ -388,6 +388,11 @@ def migrate(
     abort_at: Annotated[str | None, typer.Option(
         "--abort-at", help="Rollback drill: fail on purpose in this phase (prepare, transfer, "
                            "switchover); the VM must stay on the source.")] = None,
+    hold_at: Annotated[str | None, typer.Option(
+        "--hold-at", help="Fault drill: pause the migration in this phase (prepare, transfer, "
+                          "switchover, commit) for --hold-seconds, to inject a fault.")] = None,
+    hold_seconds: Annotated[float, typer.Option(
+        help="How long --hold-at pauses.")] = 15.0,
     inventory: InventoryOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -407,11 +412,16 @@ def migrate(
                                        f"{escape(event['message'])}",
                                        highlight=False)
 
-        report = run(c.migrate(vm, to, sc, on_event=on_event, abort_at=abort_at))
+        drills = {"abort_at": abort_at, "hold_at": hold_at, "hold_seconds": hold_seconds}
+        report = run(c.migrate(vm, to, sc, on_event=on_event, drills=drills))
     if as_json:
         print_json(report)
     else:
         show_report(report)
+    if report["result"] == "unsettled":
+        fail(f"migration of {vm}: QEMU handed it over to {report['destination']}, which has "
+             f"not confirmed it runs there ({report['failure']}); it stays paused on "
+             f"{report['source']} until {report['destination']} answers")
     if report["result"] != "migrated":
         fail(f"migration of {vm} failed: {report['failure']}; it still runs on "
              f"{report['source']}")

@@ -50,11 +50,12 @@ class Cluster:
 
     async def migrate(self, vm: str, destination: str, sc_mode: str, *,
                       on_event: EventHandler | None = None,
-                      abort_at: str | None = None) -> dict[str, Any]:
+                      drills: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`drills`: abort_at / hold_at / hold_seconds (see `nseh migrate --help`)."""
         endpoint = self.inventory.endpoint(destination)
         source = await self.locate(vm)
         result: dict[str, Any] = await self.call(
             source, "vm.migrate",
             {"name": vm, "destination": destination, "destination_endpoint": endpoint,
-             "sc": sc_mode, "abort_at": abort_at}, on_event=on_event, timeout=900)
+             "sc": sc_mode, **(drills or {})}, on_event=on_event, timeout=900)
         return result

@@ -11,6 +11,7 @@ import logging
 import signal
 import socket
 import ssl
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,19 @@ from nseh.agent.network import (
 )
 from nseh.agent.qemu import detect_accel
 from nseh.agent.vms import VM, VMError, VMState, load_all
-from nseh.api.client import AgentClient
+from nseh.api.client import AgentClient, AgentError
 from nseh.api.server import ApiError, ApiServer, Emit, Handler
 from nseh.definition import DefinitionError, VMDefinition
 from nseh.guest.console import GuestConsoleError
 from nseh.guest.image import GuestImage, ensure_image
-from nseh.migration.orchestrator import ABORTABLE_PHASES, SC_MODES, SourceMigration
-from nseh.migration.phases import Phase
+from nseh.migration.orchestrator import (
+    ABORTABLE_PHASES,
+    HOLDABLE_PHASES,
+    SC_MODES,
+    SourceMigration,
+    settle_handover,
+)
+from nseh.migration.phases import Handover, Phase
 from nseh.migration.sc_transfer import receive_sc
 from nseh.sc import channel as sc_channel
 from nseh.sc.pki import client_context
@@ -44,6 +51,8 @@ log = logging.getLogger(__name__)
 
 GUEST_READY_TIMEOUT = 120.0
 COMMIT_TIMEOUT = 30.0
+SETTLE_RETRY = 3.0  # between attempts to learn where a handed-over VM runs
+WATCH_INTERVAL = 2.0  # between checks that the VMs' QEMU processes are alive
 
 
 class HostAgent:
@@ -62,6 +71,7 @@ class HostAgent:
         self._image_lock = asyncio.Lock()
         # Serializes changes to the set of VMs (names, marks, addresses, ports).
         self._vms_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -72,9 +82,12 @@ class HostAgent:
         # entry from its creation on.
         enable_event_generation()
         self._readopt()
-        for vm in self.vms.values():
+        for vm in list(self.vms.values()):
             if vm.state == VMState.RUNNING:
                 await self._claim_floating(vm)
+            elif vm.state == VMState.MIGRATING:
+                self._in_background(self._recover_outgoing(vm))
+        self._in_background(self._watch())
         # IPS events (NFLOG) are read on the event loop: a few per new connection at most.
         self.ips.start()
         asyncio.get_running_loop().add_reader(self.ips.fileno(), self.ips.poll)
@@ -129,6 +142,80 @@ class HostAgent:
             scope = VMScope(vm.definition, vm.mark)
             self.ips.import_policy(scope, self.ips.export_policy(scope))
             log.info("re-adopted VM %s (%s, QEMU pid %s)", vm.name, vm.state, vm.pid())
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._background.discard)
+
+    async def _recover_outgoing(self, vm: VM) -> None:
+        """Finish or roll back a migration this agent was driving when it stopped, from the
+        VM's record and what QEMU says: once QEMU has handed the VM over, only the
+        destination can say where it runs; before that, the source still owns it."""
+        try:
+            status = (await vm.execute("query-migrate")).get("status")
+        except VMError as exc:
+            log.error("VM %s: cannot recover its migration to %s: %s", vm.name,
+                      vm.migrating_to, exc)
+            return
+        log.info("VM %s was migrating to %s when this agent stopped; QEMU says %s",
+                 vm.name, vm.migrating_to, status)
+        if status == "completed":
+            await self._settle_handover(vm)
+            return
+        with contextlib.suppress(VMError):
+            if status in ("setup", "active", "device", "pre-switchover"):
+                await vm.execute("migrate_cancel")
+        if vm.migration_endpoint:
+            try:
+                await AgentClient(vm.migration_endpoint, tls=self._tls()).call(
+                    "migration.abort", {"name": vm.name}, timeout=60)
+            except AgentError as exc:
+                # Its QEMU exits with the cancelled stream; its agent then purges the rest.
+                log.warning("VM %s: could not purge %s: %s", vm.name, vm.migrating_to, exc)
+        await self._keep_here(vm)
+
+    async def _settle_handover(self, vm: VM) -> None:
+        """Ask the destination until it says whether it runs `vm`; the source's copy stays
+        paused meanwhile, so the VM never runs on two hosts."""
+        if vm.migration_endpoint is None:
+            log.error("VM %s: handed over, but its record names no destination", vm.name)
+            return
+        destination = AgentClient(vm.migration_endpoint, tls=self._tls())
+        while (outcome := await settle_handover(vm.name, self.host, destination)
+               ) == Handover.UNKNOWN:
+            await asyncio.sleep(SETTLE_RETRY)
+        if outcome == Handover.MOVED:
+            log.info("VM %s runs on %s: releasing it here", vm.name, vm.migrating_to)
+            await self._destroy(vm)
+        else:
+            log.info("VM %s is not on %s: resuming it here", vm.name, vm.migrating_to)
+            await self._keep_here(vm)
+
+    async def _keep_here(self, vm: VM) -> None:
+        """The VM did not move: it runs here, owned by this host, again."""
+        await vm.resume()
+        vm.state = VMState.RUNNING
+        vm.migrating_to = vm.migration_endpoint = None
+        vm.save()
+        await self._claim_floating(vm)
+
+    async def _watch(self) -> None:
+        """Notice QEMU processes that are gone: an incoming VM whose stream was cancelled
+        (its QEMU exits) is purged; a running VM is marked crashed."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            for vm in list(self.vms.values()):
+                if not vm.launched or vm.pid() is not None:
+                    continue
+                if vm.state == VMState.INCOMING:
+                    log.warning("VM %s: its incoming QEMU exited; purging it", vm.name)
+                    with contextlib.suppress(VMError):
+                        await self._destroy(vm)
+                elif vm.state == VMState.RUNNING:
+                    log.error("VM %s: its QEMU is gone; marked crashed", vm.name)
+                    vm.state = VMState.CRASHED
+                    vm.save()
 
     async def guest_image(self, emit: Emit) -> GuestImage:
         async with self._image_lock:
@@ -240,7 +327,7 @@ class HostAgent:
             self._check_free(definition)
             vm = VM(definition=definition, mark=self._free_mark(), state=state,
                     record_dir=self.vms_dir / definition.name, accel=self.accel,
-                    incoming_from=incoming_from)
+                    incoming_from=incoming_from, launched=False)
             vm.record_dir.mkdir(parents=True)
             vm.save()
             self.vms[vm.name] = vm
@@ -375,22 +462,34 @@ class HostAgent:
             raise ApiError("bad-request", f"VM {vm.name} already runs on {self.host}")
         if vm.state != VMState.RUNNING:
             raise ApiError("busy", f"VM {vm.name} is {vm.state}, not running")
-        abort_at = params.get("abort_at")
+        abort_at, hold_at = params.get("abort_at"), params.get("hold_at")
         if abort_at not in (None, *ABORTABLE_PHASES):
             raise ApiError("bad-request", f"cannot abort in phase {abort_at!r} (choose from "
                                           f"{', '.join(ABORTABLE_PHASES)})")
+        if hold_at not in (None, *HOLDABLE_PHASES):
+            raise ApiError("bad-request", f"cannot hold in phase {hold_at!r} (choose from "
+                                          f"{', '.join(HOLDABLE_PHASES)})")
+        hold_seconds = params.get("hold_seconds", 15.0)
+        if not isinstance(hold_seconds, int | float) or not 0 <= hold_seconds <= 600:
+            raise ApiError("bad-request", "hold_seconds must be a number of seconds, 0 to 600")
         vm.state = VMState.MIGRATING
+        vm.migrating_to, vm.migration_endpoint = destination, endpoint
         vm.save()
         migration = SourceMigration(vm=vm, source=self.host, destination=destination,
                                     destination_agent=AgentClient(endpoint, tls=self._tls()),
                                     sc_mode=sc_mode,
                                     engines=self.engines, credentials=self.credentials,
-                                    emit=emit, abort_at=Phase(abort_at) if abort_at else None)
+                                    emit=emit, abort_at=Phase(abort_at) if abort_at else None,
+                                    hold_at=Phase(hold_at) if hold_at else None,
+                                    hold_seconds=float(hold_seconds))
         report = await migration.run()
-        if migration.run_state.phase == "done":
+        if migration.run_state.phase == Phase.DONE:
             await self._destroy(vm)
+        elif migration.run_state.unsettled:
+            self._in_background(self._settle_handover(vm))
         else:
             vm.state = VMState.RUNNING
+            vm.migrating_to = vm.migration_endpoint = None
             vm.save()
         return report
 
@@ -427,17 +526,27 @@ class HostAgent:
         return VMScope(vm.definition, vm.mark)
 
     async def migration_commit(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """The source asks whether the VM it handed over runs here. Idempotent (the source
+        asks again after a lost answer). `commit-failed` means it does not run here and has
+        been purged, so the source may resume it; `not-found`: it never came."""
         vm = self._vm(params)
+        scope = VMScope(vm.definition, vm.mark)
+        if vm.state == VMState.RUNNING and vm.incoming_from == params.get("source"):
+            # Committed before; the answer was lost.
+            entries = sum([await asyncio.to_thread(e.count, scope) for e in self.engines])
+            return vm.describe(self.host) | {"sc_entries": entries}
         if vm.state != VMState.INCOMING:
             raise ApiError("busy", f"VM {vm.name} is {vm.state}, not incoming")
         status = "unknown"
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError, VMError):
             async with asyncio.timeout(COMMIT_TIMEOUT):
                 while (status := await vm.run_status()) != "running":
                     await asyncio.sleep(0.02)
         if status != "running":
+            await self._destroy(vm)
             raise ApiError("commit-failed", f"VM {vm.name} is {status} on {self.host}, "
-                                            f"not running, after {COMMIT_TIMEOUT:.0f} s")
+                                            f"not running, after {COMMIT_TIMEOUT:.0f} s; "
+                                            f"purged it there")
         try:
             # First: until the address moves, clients' packets to it reach the source.
             await self._claim_floating(vm)
@@ -445,10 +554,8 @@ class HostAgent:
             log.error("VM %s runs on %s but its floating address is not claimed: %s",
                       vm.name, self.host, exc)
         vm.state = VMState.RUNNING
-        vm.incoming_from = None
         vm.save()
         log.info("VM %s now runs on host %s", vm.name, self.host)
-        scope = VMScope(vm.definition, vm.mark)
         entries = sum([await asyncio.to_thread(e.count, scope) for e in self.engines])
         return vm.describe(self.host) | {"sc_entries": entries}
 

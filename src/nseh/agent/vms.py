@@ -47,7 +47,16 @@ class VM:
     state: VMState
     record_dir: Path
     accel: str
-    incoming_from: str | None = None  # the source host while a migration comes in
+    # The host the VM came from by migration (kept after it arrived: a repeated COMMIT from
+    # that host is answered again).
+    incoming_from: str | None = None
+    # While MIGRATING: where to, and that host's agent endpoint, so that a restarted agent
+    # can finish or roll back the migration.
+    migrating_to: str | None = None
+    migration_endpoint: str | None = None
+    # False until QEMU has been started: a VM being created has no QEMU yet, and that is
+    # not a crash.
+    launched: bool = True
     console: GuestConsole = field(init=False)
 
     def __post_init__(self) -> None:
@@ -66,7 +75,8 @@ class VM:
     def save(self) -> None:
         record = {"definition": self.definition.to_json(), "mark": self.mark,
                   "state": self.state.value, "accel": self.accel,
-                  "incoming_from": self.incoming_from}
+                  "incoming_from": self.incoming_from, "migrating_to": self.migrating_to,
+                  "migration_endpoint": self.migration_endpoint}
         tmp = self.record_dir / "vm.json.tmp"
         tmp.write_text(json.dumps(record, indent=1))
         tmp.replace(self.record_dir / "vm.json")
@@ -76,7 +86,9 @@ class VM:
         record = json.loads((record_dir / "vm.json").read_text())
         return cls(definition=VMDefinition.from_json(record["definition"]), mark=record["mark"],
                    state=VMState(record["state"]), record_dir=record_dir,
-                   accel=record["accel"], incoming_from=record.get("incoming_from"))
+                   accel=record["accel"], incoming_from=record.get("incoming_from"),
+                   migrating_to=record.get("migrating_to"),
+                   migration_endpoint=record.get("migration_endpoint"))
 
     def forget(self) -> None:
         shutil.rmtree(self.record_dir, ignore_errors=True)
@@ -108,6 +120,7 @@ class VM:
             lines = output.decode(errors="replace").strip().splitlines()
             raise VMError(f"QEMU for {self.name} failed to start: "
                           f"{lines[-1] if lines else f'exit status {proc.returncode}'}")
+        self.launched = True
 
     @contextlib.asynccontextmanager
     async def qmp(self) -> AsyncIterator[QMPClient]:
@@ -134,6 +147,21 @@ class VM:
         """QEMU's run state (running, paused, inmigrate, postmigrate, ...)."""
         status = await self.execute("query-status")
         return str(status["status"])
+
+    async def resume(self) -> bool:
+        """Make the VM run again here after a migration that did not happen (QEMU leaves a
+        cancelled or migrated-away VM paused). False if it does not run within 5 s."""
+        status = "unknown"
+        for _ in range(100):
+            with contextlib.suppress(VMError):
+                status = await self.run_status()
+                if status == "running":
+                    return True
+                if status in ("postmigrate", "paused", "finish-migrate"):
+                    await self.execute("cont")
+            await asyncio.sleep(0.05)
+        log.error("%s does not resume (QEMU status %s)", self.name, status)
+        return False
 
     async def kill(self) -> None:
         """Stop QEMU: politely over QMP, then by signal."""

@@ -28,9 +28,11 @@ from nseh.agent.vms import VM, VMError
 from nseh.api.client import AgentClient, AgentError
 from nseh.api.server import Emit
 from nseh.migration.phases import (
+    Handover,
     MigrationRun,
     Phase,
     QemuOutcome,
+    handover_from_commit_error,
     migration_report,
     qemu_outcome,
     qemu_progress,
@@ -41,10 +43,14 @@ from nseh.sc.pki import HostCredentials
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ABORTABLE_PHASES", "SC_MODES", "SourceMigration"]
+__all__ = ["ABORTABLE_PHASES", "HOLDABLE_PHASES", "SC_MODES", "SourceMigration",
+           "settle_handover"]
 
 # Phases a rollback drill (`nseh migrate --abort-at`) can fail on purpose.
 ABORTABLE_PHASES = (Phase.PREPARE.value, Phase.TRANSFER.value, Phase.SWITCHOVER.value)
+# Phases a fault drill (`--hold-at`) can pause in, once its work is done: after the SC bulk
+# copy; during RAM pre-copy; in pre-switchover (VM stopped); after QEMU handed the VM over.
+HOLDABLE_PHASES = (*ABORTABLE_PHASES, Phase.COMMIT.value)
 
 TICK = 0.2  # between progress reports and pre-copy SC rounds
 TRANSFER_TIMEOUT = 600.0
@@ -52,6 +58,7 @@ TRANSFER_TIMEOUT = 600.0
 # minutes (TCP SYN retries). Give up much sooner.
 SETUP_TIMEOUT = 10.0
 SC_CONNECT_TIMEOUT = 10.0
+COMMIT_CALL_TIMEOUT = 60.0
 
 
 class MigrationFailed(RuntimeError):
@@ -62,7 +69,8 @@ class SourceMigration:
     def __init__(self, *, vm: VM, source: str, destination: str, destination_agent: AgentClient,
                  sc_mode: str, engines: Sequence[SecurityEngine],
                  credentials: HostCredentials | None, emit: Emit,
-                 abort_at: Phase | None = None) -> None:
+                 abort_at: Phase | None = None, hold_at: Phase | None = None,
+                 hold_seconds: float = 0.0) -> None:
         self.vm = vm
         self.destination_agent = destination_agent
         self.engines = engines
@@ -74,10 +82,16 @@ class SourceMigration:
         self.sc: ScSender | None = None
         self.final_info: dict[str, Any] = {}
         self.destination_sc_entries: int | None = None
-        # A rollback drill: fail on purpose once this phase has done its work.
+        # Drills: fail on purpose (rollback drill), or pause (fault drill: time to inject a
+        # fault), once this phase has done its work.
         self.abort_at = abort_at
+        self.hold_at, self.hold_seconds = hold_at, hold_seconds
 
-    def _drill(self, phase: Phase) -> None:
+    async def _drill(self, phase: Phase) -> None:
+        if self.hold_at == phase:
+            self.hold_at = None  # once: transfer passes here on every tick
+            self._phase(f"holding {self.hold_seconds:g} s in phase {phase} (--hold-at)")
+            await asyncio.sleep(self.hold_seconds)
         if self.abort_at == phase:
             raise MigrationFailed(f"aborted in phase {phase} on request (--abort-at)")
 
@@ -92,24 +106,31 @@ class SourceMigration:
             reply = await self._prepare()
             if self.run_state.sc_mode != "none":
                 await self._open_sc(reply["sc"])
-            self._drill(Phase.PREPARE)
+            await self._drill(Phase.PREPARE)
             self.run_state.advance()
             await self._transfer()  # includes an SC switchover, driven by QEMU's events
             if self.run_state.phase == Phase.TRANSFER:  # QEMU switched over by itself
                 self.run_state.advance()
-            self.run_state.advance()
+            self.run_state.advance()  # COMMIT: QEMU has handed the VM over
+            await self._drill(Phase.COMMIT)
             await self._commit()
             self.run_state.advance()
-            self._phase("source releases the VM and purges its SC")
-            self.run_state.advance()
         except (MigrationFailed, AgentError, VMError, ScError, sc_channel.ChannelError) as exc:
+            if self.run_state.phase == Phase.SWITCHOVER and await self._handed_over():
+                self.run_state.advance()  # failed after migrate-continue: settle, not roll back
             if self.run_state.fail(str(exc)):
                 await self._rollback()
                 self.run_state.advance()
-            log.error("migration of %s failed: %s", self.vm.name, self.run_state.failure)
+            elif self.run_state.unsettled:
+                await self._settle()
+            if self.run_state.failure:
+                log.error("migration of %s failed: %s", self.vm.name, self.run_state.failure)
         finally:
             if self.sc is not None:
                 self.sc.close()
+        if self.run_state.phase == Phase.CLEANUP:
+            self._phase("source releases the VM and purges its SC")
+            self.run_state.advance()
         report = migration_report(self.run_state, self.final_info)
         report["elapsed_ms"] = round((time.monotonic() - started) * 1000)
         if self.sc is not None:
@@ -208,7 +229,7 @@ class SourceMigration:
         if info.get("status") == "active":
             if self.sc is not None and self.run_state.sc_mode == "precopy":
                 await self.sc.send_changes()
-            self._drill(Phase.TRANSFER)
+            await self._drill(Phase.TRANSFER)
         return info
 
     async def _switchover(self, qmp: QMPClient, paused_at: float | None) -> None:
@@ -217,7 +238,7 @@ class SourceMigration:
         assert self.sc is not None
         self.run_state.advance()  # TRANSFER -> SWITCHOVER
         await self.sc.send_final()
-        self._drill(Phase.SWITCHOVER)
+        await self._drill(Phase.SWITCHOVER)
         await qmp.execute("migrate-continue", {"state": "pre-switchover"})
         if paused_at is not None:
             self.sc.stats.pause_ms = (time.time() - paused_at) * 1000
@@ -226,12 +247,34 @@ class SourceMigration:
 
     async def _commit(self) -> None:
         self._phase(f"waiting for {self.vm.name} to run on {self.run_state.destination}")
-        reply = await self.destination_agent.call("migration.commit", {"name": self.vm.name},
-                                                  timeout=60)
+        reply = await self.destination_agent.call(
+            "migration.commit", {"name": self.vm.name, "source": self.run_state.source},
+            timeout=COMMIT_CALL_TIMEOUT)
         self.destination_sc_entries = reply.get("sc_entries")
         if self.sc is not None:
             with contextlib.suppress(sc_channel.ChannelError):
                 await self.sc.commit()
+
+    async def _handed_over(self) -> bool:
+        with contextlib.suppress(VMError):
+            return (await self.vm.execute("query-migrate")).get("status") == "completed"
+        return False
+
+    async def _settle(self) -> None:
+        """COMMIT failed after QEMU handed the VM over: ask the destination once more."""
+        self._phase(f"commit failed ({self.run_state.failure}); asking "
+                    f"{self.run_state.destination} whether it runs {self.vm.name}")
+        outcome = await settle_handover(self.vm.name, self.run_state.source,
+                                        self.destination_agent)
+        self.run_state.settle(outcome)
+        if outcome == Handover.STAYED:
+            if self.sc is not None:
+                await self.sc.abort(self.run_state.failure or "commit failed")
+            await self.vm.resume()
+            self.run_state.advance()
+        elif outcome == Handover.UNKNOWN:
+            self._phase(f"{self.vm.name} stays paused here until "
+                        f"{self.run_state.destination} answers")
 
     async def _rollback(self) -> None:
         """Purge the destination, keep (or resume) the VM on the source."""
@@ -248,14 +291,18 @@ class SourceMigration:
         except AgentError as exc:
             log.error("could not purge %s from %s: %s", self.vm.name,
                       self.run_state.destination, exc)
-        # QEMU leaves a migrated-away or cancelled VM paused; it must run here again.
-        status = "unknown"
-        for _ in range(100):
-            status = await self.vm.run_status()
-            if status == "running":
-                return
-            if status in ("postmigrate", "paused", "finish-migrate"):
-                with contextlib.suppress(VMError):
-                    await self.vm.execute("cont")
-            await asyncio.sleep(0.05)
-        log.error("%s does not resume on the source (QEMU status %s)", self.vm.name, status)
+        await self.vm.resume()
+
+
+async def settle_handover(vm_name: str, source: str, destination_agent: AgentClient
+                          ) -> Handover:
+    """Whether the destination runs `vm_name` after QEMU handed it over from `source`: a
+    COMMIT that it accepts (it is idempotent) says moved; its refusal may say stayed."""
+    try:
+        await destination_agent.call("migration.commit", {"name": vm_name, "source": source},
+                                     timeout=COMMIT_CALL_TIMEOUT)
+    except AgentError as exc:
+        outcome = handover_from_commit_error(exc.code)
+        log.warning("settling the handover of %s: %s -> %s", vm_name, exc, outcome)
+        return outcome
+    return Handover.MOVED

@@ -8,8 +8,12 @@ already final.
     PREPARE -> TRANSFER -> SWITCHOVER -> COMMIT -> CLEANUP -> DONE
         \\__________\\____________\\__________\\-> ROLLBACK -> FAILED
 
-Until COMMIT has succeeded the source is authoritative: any failure rolls back. Once the
-destination runs the VM, failures of CLEANUP are reported but never roll back.
+Until QEMU has handed the VM over (its migration `completed`, which is when COMMIT starts)
+the source is authoritative: any failure rolls back. From then on the destination may run
+the VM, so the source must never resume it on its own: a failed COMMIT is *settled* by
+asking the destination — it runs the VM (the move stands) or it has purged it (the source
+resumes) — and stays unsettled, with the source's copy paused, until one of the two is
+known. Failures of CLEANUP are reported but never roll back.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ _NEXT: dict[Phase, Phase] = {
     Phase.ROLLBACK: Phase.FAILED,
 }
 
-_BEFORE_COMMIT = {Phase.PREPARE, Phase.TRANSFER, Phase.SWITCHOVER, Phase.COMMIT}
+_BEFORE_HANDOVER = {Phase.PREPARE, Phase.TRANSFER, Phase.SWITCHOVER}
 
 
 class ProtocolViolation(RuntimeError):
@@ -70,16 +74,49 @@ class MigrationRun:
         if self.phase in (Phase.DONE, Phase.FAILED, Phase.ROLLBACK):
             raise ProtocolViolation(f"cannot fail in phase {self.phase}")
         self.failure = f"{self.phase}: {reason}"
-        if self.phase in _BEFORE_COMMIT:
+        if self.phase in _BEFORE_HANDOVER:
             self.phase = Phase.ROLLBACK
             self.history.append(self.phase)
             return True
-        # The destination already runs the VM: the move stands; report the failure.
+        # COMMIT: the handover must be settled (`settle`); CLEANUP: the move stands.
         return False
+
+    def settle(self, outcome: Handover) -> None:
+        """The destination answered whether it runs the VM after a failed COMMIT."""
+        if self.phase != Phase.COMMIT or self.failure is None:
+            raise ProtocolViolation(f"nothing to settle in phase {self.phase}")
+        if outcome == Handover.MOVED:
+            self.failure = None
+            self.advance()
+        elif outcome == Handover.STAYED:
+            self.phase = Phase.ROLLBACK  # nothing to purge: the destination has no VM
+            self.history.append(self.phase)
+
+    @property
+    def unsettled(self) -> bool:
+        """A failed COMMIT not settled yet: the source must keep its copy paused."""
+        return self.phase == Phase.COMMIT and self.failure is not None
 
     @property
     def finished(self) -> bool:
         return self.phase in (Phase.DONE, Phase.FAILED)
+
+
+class Handover(StrEnum):
+    """Where a VM is after QEMU handed it over but COMMIT failed, as the destination says."""
+
+    MOVED = "moved"  # it runs the VM: the source cleans up
+    STAYED = "stayed"  # it has no VM (never ran it, or purged it): the source resumes
+    UNKNOWN = "unknown"  # no answer yet: the source keeps its copy paused and asks again
+
+
+def handover_from_commit_error(code: str) -> Handover:
+    """What a COMMIT refused with `code` says about the handover. `not-found`: the
+    destination has no such VM; `commit-failed`: its QEMU does not run the VM, and it has
+    purged it (see the agent); anything else (unreachable, busy) settles nothing."""
+    if code in ("not-found", "commit-failed"):
+        return Handover.STAYED
+    return Handover.UNKNOWN
 
 
 class QemuOutcome(StrEnum):
@@ -121,7 +158,8 @@ def migration_report(run: MigrationRun, info: dict[str, Any]) -> dict[str, Any]:
         "source": run.source,
         "destination": run.destination,
         "sc_mode": run.sc_mode,
-        "result": "migrated" if run.phase == Phase.DONE else "failed",
+        "result": "migrated" if run.phase == Phase.DONE
+        else "unsettled" if run.unsettled else "failed",
         "failure": run.failure,
         "qemu": {
             "status": info.get("status"),
