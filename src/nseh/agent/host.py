@@ -130,6 +130,8 @@ class HostAgent:
         self.vms = load_all(self.vms_dir)
         installed = self.firewall.installed_vms()
         for vm in self.vms.values():
+            if vm.pid() is None and vm.state == VMState.INCOMING:
+                continue  # the migration died with its QEMU: the watcher purges it
             if vm.pid() is None:
                 vm.state = VMState.CRASHED
                 vm.save()

@@ -57,6 +57,9 @@ TRANSFER_TIMEOUT = 600.0
 # QEMU has no connect timeout: a destination that never accepts leaves it in "setup" for
 # minutes (TCP SYN retries). Give up much sooner.
 SETUP_TIMEOUT = 10.0
+# An active migration that moves no RAM for this long is stalled (e.g. the management link is
+# down; QEMU itself would wait for TCP to give up, many minutes).
+STALL_TIMEOUT = 20.0
 SC_CONNECT_TIMEOUT = 10.0
 COMMIT_CALL_TIMEOUT = 60.0
 
@@ -81,6 +84,7 @@ class SourceMigration:
         self.scope = VMScope(vm.definition, vm.mark)
         self.sc: ScSender | None = None
         self.final_info: dict[str, Any] = {}
+        self._moved: tuple[int, float] = (-1, time.monotonic())  # RAM sent, when it changed
         self.destination_sc_entries: int | None = None
         # Drills: fail on purpose (rollback drill), or pause (fault drill: time to inject a
         # fault), once this phase has done its work.
@@ -225,7 +229,15 @@ class SourceMigration:
             raise MigrationFailed(
                 f"destination {self.uri} did not accept the migration stream within "
                 f"{SETUP_TIMEOUT:.0f} s (management network unreachable?)")
-        self.emit({"phase": "transfer", "progress": qemu_progress(info)})
+        progress = qemu_progress(info)
+        self.emit({"phase": "transfer", "progress": progress})
+        if info.get("status") in ("active", "device"):
+            now = time.monotonic()
+            if progress["ram_transferred"] != self._moved[0]:
+                self._moved = (progress["ram_transferred"], now)
+            elif now - self._moved[1] > STALL_TIMEOUT:
+                raise MigrationFailed(f"QEMU sent no RAM for {STALL_TIMEOUT:.0f} s "
+                                      "(management network down?)")
         if info.get("status") == "active":
             if self.sc is not None and self.run_state.sc_mode == "precopy":
                 await self.sc.send_changes()
@@ -240,6 +252,7 @@ class SourceMigration:
         await self.sc.send_final()
         await self._drill(Phase.SWITCHOVER)
         await qmp.execute("migrate-continue", {"state": "pre-switchover"})
+        self._moved = (-1, time.monotonic())  # the pause is not a stall
         if paused_at is not None:
             self.sc.stats.pause_ms = (time.time() - paused_at) * 1000
         self._phase(f"final SC ({self.sc.stats.final_delta} records) applied in "
