@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from nseh import lab
+from nseh.lab.echo import EchoServer
 from nseh.lab.layout import namespace_of
 
 NSEH = str(Path(sys.executable).with_name("nseh"))
@@ -79,36 +80,11 @@ def client_http_get(client: int, url: str) -> int:
     return int(subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout)
 
 
-_ECHO_SERVER = """
-import socket, sys, threading
-def serve(port):
-    listener = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
-    while True:
-        conn, _ = listener.accept()
-        threading.Thread(target=echo, args=(conn,), daemon=True).start()
-def echo(conn):
-    with conn:
-        while data := conn.recv(4096):
-            conn.sendall(data)
-for port in sys.argv[2:]:
-    threading.Thread(target=serve, args=(int(port),), daemon=True).start()
-print("ready", flush=True)
-sys.stdin.read()
-"""
-
-
 @contextlib.contextmanager
 def start_client_echo_server(client: int, ports: list[int]) -> Iterator[None]:
     """A TCP echo server on client node `client` (for connections the VM opens)."""
-    argv = lab.netns_exec_argv(lab.client_namespace(client),
-                               [sys.executable, "-c", _ECHO_SERVER, "-", *map(str, ports)])
-    server = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+    with EchoServer(lab.client_namespace(client), ports):
         yield
-    finally:
-        server.kill()
-        server.wait()
 
 
 @contextlib.contextmanager

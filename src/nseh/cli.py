@@ -508,6 +508,34 @@ def bench(
 
 
 @app.command()
+def soak(
+    migrations: Annotated[int, typer.Option(
+        help="Migrations in a row (even: the VM ends where it started).")] = 100,
+    as_json: JsonOption = False,
+) -> None:
+    """Migrate a VM with live connections back and forth on a lab of its own; check that no
+    connection is lost and nothing piles up (conntrack, nft objects, processes, agent fds
+    and memory). Exit status 1 if anything did."""
+    from nseh.soak import SoakError, run_soak
+
+    try:
+        result = run_soak(migrations, err if as_json else out)
+    except SoakError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(result)
+    else:
+        spread = result["downtime_ms"] or {}
+        out.print(f"{result['migrations']} of {result['planned']} migrations, "
+                  f"{result['failed']} failed, in {result['wall_s']} s; downtime "
+                  f"{spread.get('median')} ms median ({spread.get('min')}-{spread.get('max')})")
+        out.print(f"flows broken: {', '.join(result['broken']) or 'none'}; "
+                  f"growth beyond tolerance: {', '.join(result['grown']) or 'none'}")
+    if not result["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(as_json: JsonOption = False) -> None:
     """Lab up, a VM behind a strict firewall, live connections, a migration, lab down."""
     from nseh.demo import run_demo
