@@ -55,6 +55,16 @@ def test_malformed_messages_are_refused(line):
         decode(line)
 
 
+@pytest.mark.parametrize(("line", "reason"), [
+    (b"[" * 100_000, "not JSON: nested too deeply"),  # was a RecursionError
+    (b'{"id": 1, "result": %s}' % (b"7" * 5000), "Exceeds the limit"),  # was a ValueError
+])
+def test_deep_nesting_and_huge_numbers_are_protocol_errors(line, reason):
+    # Found by tests/test_fuzz.py.
+    with pytest.raises(ProtocolError, match=reason):
+        decode(line)
+
+
 def test_oversized_messages_are_refused_both_ways():
     with pytest.raises(ProtocolError, match="exceeds"):
         encode(Result(1, "x" * MAX_MESSAGE_BYTES))
