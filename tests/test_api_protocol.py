@@ -49,9 +49,20 @@ def test_random_bytes_raise_protocol_error_or_decode(data):
     b"", b"[]", b'{"id": "1", "method": "x"}', b'{"id": 1}', b'{"id": 1, "event": 3}',
     b'{"id": 1, "method": 5}', b'{"id": 1, "method": "x", "params": []}',
     b'{"id": 1, "error": {"message": "no code"}}', b"\xff\xfe",
+    b'{"id": false, "event": {}}',  # found by tests/test_fuzz.py: a bool passed as an id
 ])
 def test_malformed_messages_are_refused(line):
     with pytest.raises(ProtocolError):
+        decode(line)
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    (b"[" * 100_000, "not JSON: nested too deeply"),  # was a RecursionError
+    (b'{"id": 1, "result": %s}' % (b"7" * 5000), "Exceeds the limit"),  # was a ValueError
+])
+def test_deep_nesting_and_huge_numbers_are_protocol_errors(line, reason):
+    # Found by tests/test_fuzz.py.
+    with pytest.raises(ProtocolError, match=reason):
         decode(line)
 
 

@@ -331,6 +331,23 @@ def test_layout_cache_gives_what_a_fresh_walk_gives(sample: bytes,
     assert built[0] == built[1]
 
 
+def test_a_cached_layout_covers_every_protocol_state_header() -> None:
+    # Found by tests/test_fuzz.py: of the states in CTA_PROTOINFO only the TCP one's header
+    # was part of a layout, so once an entry with another state ahead of it had been built,
+    # a copy with that other header broken was built too instead of refused.
+    entry = make_entry("10.0.0.1", "10.0.0.2", "tcp", 1, 2)
+    tcp = attrs(entry, 4)[ctnetlink.CTA_PROTOINFO]
+    dccp = _attr(2, _attr(1, b"\3"))  # CTA_PROTOINFO_DCCP { CTA_PROTOINFO_DCCP_STATE }
+    with_dccp = (b"".join(_without(entry, ctnetlink.CTA_PROTOINFO))
+                 + _attr(ctnetlink.CTA_PROTOINFO, dccp + tcp))
+    broken = bytearray(with_dccp)
+    broken[len(with_dccp) - len(tcp) - len(dccp)] += 1  # the DCCP state one byte too long
+    for build in (to_create_message, to_update_message):
+        build(with_dccp)  # its layout is cached now
+        with pytest.raises(ConntrackFormatError, match="CTA_PROTOINFO: duplicate"):
+            build(bytes(broken))
+
+
 def test_layout_cache_is_bounded() -> None:
     purpose = create_purpose()
     cache = purpose.recipes

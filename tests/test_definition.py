@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from nseh.definition import DefinitionError, load_definition
+from nseh.definition import DefinitionError, VMDefinition, load_definition
 
 GOOD = """
 name = "web1"
@@ -61,12 +61,35 @@ def test_the_name_can_be_given_outside_the_file(tmp_path):
      "inside the VM's own network 10.0.0.0/24"),
     ('name = "a"\n[network]\nipv4 = "10.0.0.1/24"\nfloating_ipv4 = "fd00::9"',
      "network.floating_ipv4"),
+    # Found by tests/test_fuzz.py: a RecursionError, a ValueError, and a line break that the
+    # message quoted from a key.
+    ("a = " + "[" * 3000, "not valid TOML: nested too deeply"),
+    ("memory_mib = " + "9" * 5000, "not valid TOML: Exceeds the limit"),
+    ('name = "a"\n"col\\nour" = 1\n[network]\nipv4 = "10.0.0.1/24"',
+     "col\\nour: Extra inputs are not permitted"),
 ])
 def test_bad_definitions_give_one_line_errors(tmp_path, text, expected):
     with pytest.raises(DefinitionError) as info:
         load_definition(write(tmp_path, text))
     message = str(info.value)
     assert expected in message and "\n" not in message and str(tmp_path) in message
+
+
+def test_bytes_that_are_not_utf8_are_a_definition_error(tmp_path):
+    path = tmp_path / "vm.toml"
+    path.write_bytes(b"name = \"\xff\"")
+    with pytest.raises(DefinitionError, match="not valid TOML: 'utf-8' codec"):
+        load_definition(path)
+
+
+def test_a_policy_over_the_agents_rule_limit_is_refused():
+    document = {"name": "a", "network": {"ipv4": "10.0.0.1/24"},
+                "policy": {"inbound": [{"proto": "tcp"}] * 2, "outbound": [{"proto": "udp"}]}}
+    assert len(VMDefinition.from_json(document).policy.inbound) == 2  # no limit: any size
+    assert VMDefinition.from_json(document, max_policy_rules=3).policy.outbound
+    with pytest.raises(DefinitionError,
+                       match=r"^definition: policy: 3 rules exceed limits\.policy_rules = 2$"):
+        VMDefinition.from_json(document, max_policy_rules=2)
 
 
 def test_a_missing_file_is_a_definition_error(tmp_path):

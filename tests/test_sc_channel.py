@@ -449,7 +449,7 @@ def test_an_oversized_frame_is_refused_before_its_payload_arrives(cluster):
                     await server.done.wait()
             finally:
                 writer.close()
-        assert "COMMIT frame of 104857638 bytes exceeds the limit of 1048576" in str(
+        assert "COMMIT frame of 104857638 bytes exceeds limits.sc_frame_bytes = 1048576" in str(
             server.errors[0])
 
     run(main())
@@ -462,7 +462,8 @@ def test_messages_over_the_frame_limit_are_refused_locally_and_the_channel_stays
         async with (serving(cluster.h2, server) as port,
                     await connect("127.0.0.1", port, cluster.h1, "h2", 5,
                                   max_frame_bytes=64 * 1024) as channel):
-            with pytest.raises(ChannelError, match=r"ENTRIES frame of .* exceeds 65536"):
+            with pytest.raises(ChannelError,
+                               match=r"ENTRIES frame of .* exceeds limits\.sc_frame_bytes = 65536"):
                 await channel.send(Entries("firewall", 1, [b"x" * 70_000]))
             await channel.send(Commit())  # sequence 1: the refused frame used none
             await server.done.wait()

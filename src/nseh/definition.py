@@ -30,21 +30,33 @@ A definition is a TOML file written by the operator, for example::
     block_seconds = 300         # how long a detected source stays blocked
 
 Loading never raises anything but `DefinitionError`, whose message is one line that names
-the file and the offending field.
+the file and the offending field. The agent that installs a policy bounds its size (its
+`[limits] policy_rules`); the model alone does not.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from nseh.oneline import first_validation_error, read_toml
 
 # VM names end up in nft chain names, tap names (15 chars max with a 4-char prefix) and paths.
 VM_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,10}$"
+# Inbound and outbound allow rules of one VM an agent installs, unless configured otherwise.
+DEFAULT_MAX_POLICY_RULES = 1000
 
 
 class DefinitionError(ValueError):
@@ -126,6 +138,14 @@ class Policy(_Strict):
     outbound: tuple[Rule, ...] = ()
     ips: IpsPolicy | None = None
 
+    @model_validator(mode="after")
+    def _within_the_rule_limit(self, info: ValidationInfo) -> Policy:
+        limit = (info.context or {}).get("max_policy_rules")
+        rules = len(self.inbound) + len(self.outbound)
+        if limit is not None and rules > limit:
+            raise ValueError(f"{rules} rules exceed limits.policy_rules = {limit}")
+        return self
+
 
 class Network(_Strict):
     ipv4: ipaddress.IPv4Interface | None = None
@@ -176,29 +196,18 @@ class VMDefinition(_Strict):
         return self.model_dump(mode="json")
 
     @classmethod
-    def from_json(cls, data: Any, *, origin: str = "definition") -> VMDefinition:
+    def from_json(cls, data: Any, *, origin: str = "definition",
+                  max_policy_rules: int | None = None) -> VMDefinition:
+        """Validate a definition; with `max_policy_rules`, a larger policy is refused."""
         try:
-            return cls.model_validate(data)
+            return cls.model_validate(data, context={"max_policy_rules": max_policy_rules})
         except ValidationError as exc:
-            raise DefinitionError(f"{origin}: {_first_error(exc)}") from None
-
-
-def _first_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    message = error["msg"].removeprefix("Value error, ")
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {message}{more}"
+            raise DefinitionError(f"{origin}: {first_validation_error(exc)}") from None
 
 
 def load_definition(path: Path, *, name: str | None = None) -> VMDefinition:
     """Read and validate a VM definition file; `name`, if given, replaces the file's."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise DefinitionError(f"{path}: cannot read: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise DefinitionError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path, DefinitionError)
     if name is not None:
         data["name"] = name
     return VMDefinition.from_json(data, origin=str(path))

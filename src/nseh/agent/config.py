@@ -7,18 +7,46 @@ namespace host.
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from pathlib import Path
 from typing import Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nseh.api.protocol import MAX_MESSAGE_BYTES
+from nseh.definition import DEFAULT_MAX_POLICY_RULES
+from nseh.migration.sc_transfer import DEFAULT_MAX_SC_ENTRIES
+from nseh.oneline import first_validation_error, read_toml
 from nseh.sc.pki import HostCredentials
+from nseh.sc.wire import (
+    DEFAULT_MAX_ENTRIES_PER_FRAME,
+    DEFAULT_MAX_FRAME_BYTES,
+    MAX_FRAME_BYTES,
+    MIN_FRAME_BYTES,
+)
 
 
 class AgentConfigError(ValueError):
     """An agent configuration that cannot be used; the message is one line."""
+
+
+class Limits(BaseModel):
+    """What the agent accepts from peers and clients (the optional `[limits]` table). Input
+    beyond a limit is refused with an error that names it, e.g. `limits.sc_frame_bytes`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # One SC frame, header included; a source also sizes the frames it sends by it.
+    sc_frame_bytes: int = Field(default=DEFAULT_MAX_FRAME_BYTES, ge=MIN_FRAME_BYTES,
+                                le=MAX_FRAME_BYTES)
+    # Entries (or deletions) in one SC frame; a source also batches by it.
+    sc_entries_per_frame: int = Field(default=DEFAULT_MAX_ENTRIES_PER_FRAME, ge=1)
+    # Entries an incoming migration may create for its VM, over all rounds.
+    sc_entries_per_vm: int = Field(default=DEFAULT_MAX_SC_ENTRIES, ge=1)
+    # One API request line (the agent's answers are bounded by the protocol's maximum).
+    api_request_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=1024, le=MAX_MESSAGE_BYTES)
+    # Allow rules (inbound and outbound) of one VM's policy, for vm.start and migrations.
+    policy_rules: int = Field(default=DEFAULT_MAX_POLICY_RULES, ge=0)
 
 
 class AgentConfig(BaseModel):
@@ -46,6 +74,7 @@ class AgentConfig(BaseModel):
     tls_key: Path | None = None
     tls_ca: Path | None = None
     tls_revoked: Path | None = None  # serial numbers the cluster CA revoked, one per line
+    limits: Limits = Limits()
 
     def credentials(self) -> HostCredentials | None:
         """The host's SC-channel credentials, or None if TLS is not configured."""
@@ -57,15 +86,9 @@ class AgentConfig(BaseModel):
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
         try:
-            return cls.model_validate(tomllib.loads(path.read_text()))
-        except OSError as exc:
-            raise AgentConfigError(f"{path}: cannot read: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise AgentConfigError(f"{path}: not valid TOML: {exc}") from None
+            return cls.model_validate(read_toml(path, AgentConfigError))
         except ValidationError as exc:
-            err = exc.errors()[0]
-            raise AgentConfigError(
-                f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+            raise AgentConfigError(f"{path}: {first_validation_error(exc)}") from None
 
     def save(self, path: Path) -> None:
         path.write_text(tomli_w.dumps(self.model_dump(mode="json", exclude_none=True)))

@@ -582,9 +582,12 @@ class _Purpose:
             elif kind == CTA_TUPLE_REPLY:
                 reply = (out, out + padded - header)
             elif kind == CTA_PROTOINFO:
-                tcp = _walk(entry, start, stop, "CTA_PROTOINFO").get(CTA_PROTOINFO_TCP)
+                # Every header the walk reads, not just the TCP one: a layout hit must mean
+                # that a walk would find the same attributes.
+                protocols = _walk(entry, start, stop, "CTA_PROTOINFO")
+                headers += [value_start - 4 for value_start, _ in protocols.values()]
+                tcp = protocols.get(CTA_PROTOINFO_TCP)
                 if tcp is not None:
-                    headers.append(tcp[0] - 4)
                     fields = _walk(entry, tcp[0], tcp[1], "CTA_PROTOINFO_TCP")
                     headers += [value_start - 4 for value_start, _ in fields.values()]
                     for flag in (CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY):

@@ -65,6 +65,7 @@ class Delta:
 @dataclass
 class ApplyResult:
     applied: int = 0
+    created: int = 0  # of `applied`, records new on this host (the others updated one)
     deleted: int = 0
     rejected: int = 0
     reasons: list[str] = field(default_factory=list)
@@ -76,6 +77,7 @@ class ApplyResult:
 
     def merge(self, other: ApplyResult) -> None:
         self.applied += other.applied
+        self.created += other.created
         self.deleted += other.deleted
         self.rejected += other.rejected
         self.reasons.extend(other.reasons[: MAX_REASONS - len(self.reasons)])
@@ -217,6 +219,7 @@ class FirewallEngine:
             if upserts:
                 inserted = ct.insert(upserts, mark=vm.mark)
                 result.applied = inserted.created + inserted.updated
+                result.created = inserted.created
                 for _, code, summary in inserted.failures:
                     result.reject(1, f"kernel refused {summary}: error {code}")
         return result

@@ -92,11 +92,15 @@ class HostAgent:
         self.ips.start()
         asyncio.get_running_loop().add_reader(self.ips.fileno(), self.ips.poll)
         sc_server = None
+        limits = self.config.limits
         if self.credentials is not None:
             sc_server = await sc_channel.serve(
                 str(self.config.management_address), self.config.sc_port, self.credentials,
-                lambda channel: receive_sc(channel, self.engines, self._incoming_scope))
-        api = ApiServer(self.handlers())
+                lambda channel: receive_sc(channel, self.engines, self._incoming_scope,
+                                           limits.sc_entries_per_vm),
+                max_frame_bytes=limits.sc_frame_bytes,
+                max_entries_per_frame=limits.sc_entries_per_frame)
+        api = ApiServer(self.handlers(), limits.api_request_bytes)
         servers = [await api.serve_unix(self.config.api_socket)]
         if self.config.api_port is not None:
             if self.credentials is None:
@@ -258,7 +262,8 @@ class HostAgent:
 
     def _definition(self, params: dict[str, Any]) -> VMDefinition:
         try:
-            return VMDefinition.from_json(params.get("definition"))
+            return VMDefinition.from_json(params.get("definition"),
+                                          max_policy_rules=self.config.limits.policy_rules)
         except DefinitionError as exc:
             raise ApiError("bad-definition", str(exc)) from None
 
@@ -481,7 +486,8 @@ class HostAgent:
                                     destination_agent=AgentClient(endpoint, tls=self._tls()),
                                     sc_mode=sc_mode,
                                     engines=self.engines, credentials=self.credentials,
-                                    emit=emit, abort_at=Phase(abort_at) if abort_at else None,
+                                    limits=self.config.limits, emit=emit,
+                                    abort_at=Phase(abort_at) if abort_at else None,
                                     hold_at=Phase(hold_at) if hold_at else None,
                                     hold_seconds=float(hold_seconds))
         report = await migration.run()

@@ -88,7 +88,11 @@ class AgentClient:
     async def _final_reply(self, reader: asyncio.StreamReader, request: Request,
                            on_event: EventHandler | None) -> Any:
         while True:
-            line = await reader.readline()
+            try:
+                line = await reader.readline()
+            except ValueError:  # how StreamReader says the line is longer than its limit
+                raise AgentError("protocol", f"reply from {self.endpoint} exceeds "
+                                             f"{MAX_MESSAGE_BYTES} bytes") from None
             if not line:
                 raise ConnectionError("agent closed the connection")
             try:

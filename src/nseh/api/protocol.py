@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+# The largest message either side sends; an agent may accept smaller requests
+# (`[limits] api_request_bytes`).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
@@ -76,9 +78,12 @@ def decode(line: bytes) -> Message:
         raise ProtocolError(f"message of {len(line)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
         body = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # also bad UTF-8 and numbers too long to convert
         raise ProtocolError(f"not JSON: {exc}") from None
-    if not isinstance(body, dict) or not isinstance(body.get("id"), int):
+    except RecursionError:
+        raise ProtocolError("not JSON: nested too deeply") from None
+    # bool is an int subclass in Python, but `true` is no request id.
+    if not isinstance(body, dict) or type(body.get("id")) is not int:
         raise ProtocolError("message must be an object with an integer id")
     mid = body["id"]
     if "method" in body:

@@ -42,8 +42,11 @@ class ApiError(Exception):
 
 
 class ApiServer:
-    def __init__(self, handlers: dict[str, Handler]) -> None:
+    def __init__(self, handlers: dict[str, Handler],
+                 max_request_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.handlers = handlers
+        # A longer request line is answered with an error and ends the connection.
+        self.max_request_bytes = max_request_bytes
 
     async def serve_tls(self, address: str, port: int,
                         credentials: HostCredentials) -> asyncio.Server:
@@ -65,24 +68,41 @@ class ApiServer:
             await self._connection(reader, writer)
 
         return await asyncio.start_server(connection, address, port, ssl=context,
-                                          limit=MAX_MESSAGE_BYTES, ssl_handshake_timeout=10)
+                                          limit=self.max_request_bytes,
+                                          ssl_handshake_timeout=10)
 
     async def serve_unix(self, path: Path) -> asyncio.Server:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
-        server = await asyncio.start_unix_server(self._connection, path, limit=MAX_MESSAGE_BYTES)
+        server = await asyncio.start_unix_server(self._connection, path,
+                                                 limit=self.max_request_bytes)
         os.chmod(path, 0o600)
         return server
 
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         try:
-            while line := await reader.readline():
+            while line := await self._request_line(reader, writer):
                 await self._one_request(line, writer)
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
+        except ConnectionError as exc:
             log.info("API connection dropped: %s", exc)
         finally:
             writer.close()
+
+    async def _request_line(self, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> bytes:
+        """The next request line; empty at the end of the connection, and after a line over
+        the limit, which is answered with an error (the rest of it cannot be told apart from
+        the next request)."""
+        try:
+            return await reader.readline()
+        except ValueError:  # how StreamReader says the line is longer than its limit
+            message = (f"request line exceeds limits.api_request_bytes = "
+                       f"{self.max_request_bytes} bytes")
+            log.info("API connection dropped: %s", message)
+            writer.write(encode(Error(0, "too-large", message)))
+            await writer.drain()
+            return b""
 
     async def _one_request(self, line: bytes, writer: asyncio.StreamWriter) -> None:
         try:
@@ -112,5 +132,11 @@ class ApiServer:
         except Exception as exc:
             log.exception("%s failed", request.method)
             reply = Error(request.id, "internal", f"{request.method} failed: {exc!r}")
-        writer.write(encode(reply))
+        try:
+            line = encode(reply)
+        except ProtocolError as exc:  # a result too large for the protocol
+            log.error("%s: %s", request.method, exc)
+            line = encode(Error(request.id, "too-large",
+                                f"the result of {request.method} is too large: {exc}"))
+        writer.write(line)
         await writer.drain()

@@ -23,6 +23,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
+from nseh.agent.config import Limits
 from nseh.agent.engines import SecurityEngine, VMScope
 from nseh.agent.vms import VM, VMError
 from nseh.api.client import AgentClient, AgentError
@@ -71,13 +72,14 @@ class MigrationFailed(RuntimeError):
 class SourceMigration:
     def __init__(self, *, vm: VM, source: str, destination: str, destination_agent: AgentClient,
                  sc_mode: str, engines: Sequence[SecurityEngine],
-                 credentials: HostCredentials | None, emit: Emit,
+                 credentials: HostCredentials | None, limits: Limits, emit: Emit,
                  abort_at: Phase | None = None, hold_at: Phase | None = None,
                  hold_seconds: float = 0.0) -> None:
         self.vm = vm
         self.destination_agent = destination_agent
         self.engines = engines
         self.credentials = credentials
+        self.limits = limits  # this host's: the SC frames it sends keep to them
         self.emit = emit
         self.run_state = MigrationRun(vm=vm.name, source=source, destination=destination,
                                       sc_mode=sc_mode)
@@ -160,9 +162,11 @@ class SourceMigration:
                                   "(tls_cert, tls_key, tls_ca in its agent configuration)")
         self._phase(f"SC channel to {endpoint['host']} at "
                     f"{endpoint['address']}:{endpoint['port']} (mutual TLS)")
-        channel = await sc_channel.connect(endpoint["address"], int(endpoint["port"]),
-                                           self.credentials, expected_peer=endpoint["host"],
-                                           timeout=SC_CONNECT_TIMEOUT)
+        channel = await sc_channel.connect(
+            endpoint["address"], int(endpoint["port"]), self.credentials,
+            expected_peer=endpoint["host"], timeout=SC_CONNECT_TIMEOUT,
+            max_frame_bytes=self.limits.sc_frame_bytes,
+            max_entries_per_frame=self.limits.sc_entries_per_frame)
         self.sc = ScSender(channel, self.engines, self.scope, self.run_state.sc_mode)
         await self.sc.hello(self.run_state.source)
         if self.run_state.sc_mode == "precopy":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,10 +50,17 @@ SC_MODES = ("none", "stopcopy", "precopy")
 # migration after this long. 100,000 entries are applied in about a second here.
 ACK_TIMEOUT = 30.0
 RECEIVE_TIMEOUT = 600.0
+# Entries one incoming migration may create for its VM (the agent's
+# `[limits] sc_entries_per_vm`); the frame limits are the wire's.
+DEFAULT_MAX_SC_ENTRIES = 1_000_000
 
 
 class ScError(RuntimeError):
     """The SC transfer failed or the peer refused it; one-line message."""
+
+
+class ScLimitError(ScError):
+    """The source sent more than this host accepts for one VM."""
 
 
 @dataclass
@@ -157,13 +164,14 @@ class ScSender:
         self.round += 1
         messages: list[Message] = []
         entries = deletes = 0
+        limits = (self.channel.max_frame_bytes, self.channel.max_entries_per_frame)
         for engine, delta in deltas.items():
             if delta.resync:
                 self.stats.resyncs += 1
                 messages.append(Resync(engine, self.round))
-            for batch in batch_entries(delta.deletes):
+            for batch in batch_entries(delta.deletes, *limits):
                 messages.append(Deletes(engine, self.round, batch))
-            for batch in batch_entries(delta.upserts):
+            for batch in batch_entries(delta.upserts, *limits):
                 messages.append(Entries(engine, self.round, batch))
             entries += len(delta.upserts)
             deletes += len(delta.deletes)
@@ -198,13 +206,14 @@ class ScSender:
 ScopeLookup = Callable[[str, str], "VMScope | str"]
 
 
-async def receive_sc(channel: Channel, engines: Sequence[SecurityEngine],
-                     lookup: ScopeLookup) -> None:
+async def receive_sc(channel: Channel, engines: Sequence[SecurityEngine], lookup: ScopeLookup,
+                     max_entries: int = DEFAULT_MAX_SC_ENTRIES) -> None:
     """Serve one incoming SC transfer until COMMIT, ABORT or the channel closes.
 
     Nothing is installed for a VM this host does not expect from that peer, and a record that
-    is not the VM's own is rejected and reported, never installed. On ABORT the VM's state
-    received so far is purged (the source stays authoritative).
+    is not the VM's own is rejected and reported, never installed. A transfer that creates
+    more than `max_entries` entries here is refused and what it installed purged at once. On
+    ABORT the VM's state received so far is purged (the source stays authoritative).
     """
     by_name = {engine.name: engine for engine in engines}
     hello = await channel.receive(RECEIVE_TIMEOUT)
@@ -222,44 +231,75 @@ async def receive_sc(channel: Channel, engines: Sequence[SecurityEngine],
         return
     await channel.send(HelloAck(True))
     log.info("receiving SC of %s from %s (%s)", scope.name, channel.peer, hello.mode)
-    result = ApplyResult()
     try:
-        while True:
-            message = await channel.receive(RECEIVE_TIMEOUT)
-            match message:
-                case Resync(engine=name):
-                    await asyncio.to_thread(_engine(by_name, name).apply, scope, [], [], True)
-                case Deletes(engine=name, keys=keys):
-                    result.merge(await asyncio.to_thread(
-                        _engine(by_name, name).apply, scope, [], keys))
-                case Entries(engine=name, entries=entries):
-                    result.merge(await asyncio.to_thread(
-                        _engine(by_name, name).apply, scope, entries, []))
-                case RoundEnd(round=round_) | Final(round=round_):
-                    ack_type = FinalAck if isinstance(message, Final) else RoundAck
-                    await channel.send(ack_type(round_, result.applied, result.deleted,
-                                                result.rejected, result.reasons))
-                    if result.rejected:
-                        log.warning("SC of %s from %s: rejected %d records: %s", scope.name,
-                                    channel.peer, result.rejected, "; ".join(result.reasons))
-                    result = ApplyResult()
-                case Commit():
-                    log.info("SC of %s committed", scope.name)
-                    return
-                case Abort(reason=reason):
-                    # The VM stays on the source: what arrived here must not linger.
-                    log.info("source aborted the SC of %s: %s", scope.name, reason)
-                    for engine in engines:
-                        await asyncio.to_thread(engine.purge, scope)
-                    return
-                case _:
-                    raise ScError(f"unexpected {type(message).__name__} during SC transfer")
+        try:
+            await _install_rounds(channel, by_name, scope, max_entries)
+        except ScLimitError as exc:
+            log.error("SC transfer of %s from %s refused: %s", scope.name, channel.peer, exc)
+            await _purge(engines, scope)  # the migration cannot succeed any more
+            await channel.send(Error("limit", str(exc)))
+            # The source may still be sending its round: read on, so that it can finish and
+            # read why (rather than leave that to the few seconds of the TLS shutdown); it
+            # aborts once it has read the error.
+            while not isinstance(await channel.receive(RECEIVE_TIMEOUT), Abort):
+                pass
     except ScError as exc:
         log.error("SC transfer of %s from %s failed: %s", scope.name, channel.peer, exc)
         await channel.send(Error("protocol", str(exc)))
     except ChannelError as exc:
         # Whether the VM stays here is the orchestrator's call (commit or abort), not ours.
         log.error("SC channel of %s from %s broke: %s", scope.name, channel.peer, exc)
+
+
+async def _install_rounds(channel: Channel, engines: dict[str, SecurityEngine], scope: VMScope,
+                          max_entries: int) -> None:
+    """Install the rounds of one transfer until COMMIT or ABORT."""
+    result = ApplyResult()
+    created = dict.fromkeys(engines, 0)  # entries this transfer created here, per engine
+    while True:
+        message = await channel.receive(RECEIVE_TIMEOUT)
+        match message:
+            case Resync(engine=name):
+                await asyncio.to_thread(_engine(engines, name).apply, scope, [], [], True)
+                created[name] = 0
+            case Deletes(engine=name, keys=keys):
+                deleted = await asyncio.to_thread(_engine(engines, name).apply, scope, [], keys)
+                created[name] = max(0, created[name] - deleted.deleted)
+                result.merge(deleted)
+            case Entries(engine=name, entries=entries):
+                # Checked after the batch: only the engine knows which entries are new here
+                # (an update of a connection sent before must not count again).
+                applied = await asyncio.to_thread(_engine(engines, name).apply, scope, entries,
+                                                  [])
+                created[name] += applied.created
+                result.merge(applied)
+                if sum(created.values()) > max_entries:
+                    raise ScLimitError(
+                        f"SC of {scope.name} exceeds limits.sc_entries_per_vm = {max_entries}: "
+                        f"{sum(created.values())} entries created")
+            case RoundEnd(round=round_) | Final(round=round_):
+                ack_type = FinalAck if isinstance(message, Final) else RoundAck
+                await channel.send(ack_type(round_, result.applied, result.deleted,
+                                            result.rejected, result.reasons))
+                if result.rejected:
+                    log.warning("SC of %s from %s: rejected %d records: %s", scope.name,
+                                channel.peer, result.rejected, "; ".join(result.reasons))
+                result = ApplyResult()
+            case Commit():
+                log.info("SC of %s committed", scope.name)
+                return
+            case Abort(reason=reason):
+                # The VM stays on the source: what arrived here must not linger.
+                log.info("source aborted the SC of %s: %s", scope.name, reason)
+                await _purge(engines.values(), scope)
+                return
+            case _:
+                raise ScError(f"unexpected {type(message).__name__} during SC transfer")
+
+
+async def _purge(engines: Iterable[SecurityEngine], scope: VMScope) -> None:
+    for engine in engines:
+        await asyncio.to_thread(engine.purge, scope)
 
 
 def _engine(engines: dict[str, SecurityEngine], name: str) -> SecurityEngine:

@@ -75,9 +75,11 @@ class Channel:
         self.peer = peer
         self._reader = reader
         self._writer = writer
-        self._limits = (max_frame_bytes, max_entries_per_frame)
+        self.max_frame_bytes = max_frame_bytes
+        self.max_entries_per_frame = max_entries_per_frame
         self._decoder = FrameDecoder(max_frame_bytes, max_entries_per_frame, session)
-        self._encoder = None if session is None else FrameEncoder(session, *self._limits)
+        self._encoder = None if session is None else FrameEncoder(
+            session, max_frame_bytes, max_entries_per_frame)
         self._received: deque[Message] = deque()
         self._frames_received = 0
         self._failure: str | None = None
@@ -177,7 +179,8 @@ class Channel:
     def _session_encoder(self) -> FrameEncoder | None:
         """The encoder of our direction, once the session id is known."""
         if self._encoder is None and self._decoder.session is not None:
-            self._encoder = FrameEncoder(self._decoder.session, *self._limits)
+            self._encoder = FrameEncoder(self._decoder.session, self.max_frame_bytes,
+                                         self.max_entries_per_frame)
         return self._encoder
 
     def _tell_peer(self, message: Message) -> None:

@@ -30,7 +30,9 @@ Payloads (``str`` = u16 byte length + UTF-8; engine names are 1..64 bytes)::
                 follows in this round, after lost change events)
 
 The entry count sits at a fixed offset so a receiver can refuse an oversized batch as soon
-as the first 8 payload bytes arrive, before buffering the rest.
+as the first 8 payload bytes arrive, before buffering the rest. The two limits (frame size,
+items per frame) are the agent configuration's `[limits]` `sc_frame_bytes` and
+`sc_entries_per_frame`, and errors name them so.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ SESSION_BYTES = 16
 
 DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_ENTRIES_PER_FRAME = 65_536
+# How errors name the two limits: as the agent configuration does.
+_FRAME_LIMIT = "limits.sc_frame_bytes"
+_BATCH_LIMIT = "limits.sc_entries_per_frame"
 MAX_ENGINE_NAME_BYTES = 64
 MAX_STRING_BYTES = 0xFFFF
 
@@ -61,14 +66,24 @@ _BATCH_HEAD = struct.Struct(">II")  # round, count
 _ROUND_END = struct.Struct(">IQQ")
 _ROUND_ACK = struct.Struct(">IQQQ")
 _MAX_SEQUENCE = 2**64 - 1
-# Smallest useful frame: header plus a batch head, a maximal engine name and one small entry.
-_MIN_FRAME_BYTES = HEADER_BYTES + _BATCH_HEAD.size + 2 + MAX_ENGINE_NAME_BYTES + 64
+# Frame size limits a decoder can have: from a header plus a batch head, a maximal engine
+# name and one small entry, to what the u32 length field can describe.
+MIN_FRAME_BYTES = HEADER_BYTES + _BATCH_HEAD.size + 2 + MAX_ENGINE_NAME_BYTES + 64
+MAX_FRAME_BYTES = HEADER_BYTES + 0xFFFFFFFF
 # Fixed payload bytes of an ENTRIES/DELETES frame whatever its engine name.
 _BATCH_OVERHEAD = HEADER_BYTES + _BATCH_HEAD.size + 2 + MAX_ENGINE_NAME_BYTES
 
 
 class WireError(ValueError):
     """Bytes that are not a valid SC frame stream, or a message that cannot be encoded."""
+
+
+def _frame_too_large(kind: MessageType, size: int, limit: int) -> WireError:
+    return WireError(f"{kind.name} frame of {size} bytes exceeds {_FRAME_LIMIT} = {limit}")
+
+
+def _batch_too_large(count: int, limit: int) -> WireError:
+    return WireError(f"batch of {count} items exceeds {_BATCH_LIMIT} = {limit}")
 
 
 class MessageType(IntEnum):
@@ -271,16 +286,14 @@ def encode(message: Message, session: bytes, sequence: int,
     if isinstance(message, Entries | Deletes):
         count = len(message.entries if isinstance(message, Entries) else message.keys)
         if count > max_entries_per_frame:
-            raise WireError(f"batch of {count} items exceeds the limit of "
-                            f"{max_entries_per_frame} per frame")
+            raise _batch_too_large(count, max_entries_per_frame)
     try:
         kind, parts = _payload(message)
     except (struct.error, UnicodeEncodeError) as exc:  # a field that does not fit its type
         raise WireError(f"cannot encode {type(message).__name__}: {exc}") from None
     payload_bytes = sum(map(len, parts))
     if HEADER_BYTES + payload_bytes > max_frame_bytes:
-        raise WireError(f"{kind.name} frame of {HEADER_BYTES + payload_bytes} bytes exceeds "
-                        f"{max_frame_bytes}")
+        raise _frame_too_large(kind, HEADER_BYTES + payload_bytes, max_frame_bytes)
     header = _HEADER.pack(MAGIC, FRAME_VERSION, kind, 0, session, sequence, payload_bytes)
     return b"".join([header, *parts])
 
@@ -473,9 +486,9 @@ class FrameDecoder:
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  max_entries_per_frame: int = DEFAULT_MAX_ENTRIES_PER_FRAME,
                  session: bytes | None = None) -> None:
-        if not _MIN_FRAME_BYTES <= max_frame_bytes <= HEADER_BYTES + 0xFFFFFFFF:
-            raise ValueError(f"max_frame_bytes must be {_MIN_FRAME_BYTES} to "
-                             f"{HEADER_BYTES + 0xFFFFFFFF}, not {max_frame_bytes}")
+        if not MIN_FRAME_BYTES <= max_frame_bytes <= MAX_FRAME_BYTES:
+            raise ValueError(f"max_frame_bytes must be {MIN_FRAME_BYTES} to "
+                             f"{MAX_FRAME_BYTES}, not {max_frame_bytes}")
         if max_entries_per_frame < 1:
             raise ValueError("max_entries_per_frame must be at least 1")
         if session is not None and len(session) != SESSION_BYTES:
@@ -556,8 +569,8 @@ class FrameDecoder:
             raise WireError(f"{what} frame: sequence {sequence}, expected "
                             f"{self._expected_sequence}")
         if HEADER_BYTES + length > self.max_frame_bytes:
-            raise WireError(f"{MessageType(kind).name} frame of {HEADER_BYTES + length} bytes "
-                            f"exceeds the limit of {self.max_frame_bytes}")
+            raise _frame_too_large(MessageType(kind), HEADER_BYTES + length,
+                                   self.max_frame_bytes)
         self._expected_sequence += 1
         return MessageType(kind), length
 
@@ -567,7 +580,6 @@ class FrameDecoder:
             return
         _, count = _BATCH_HEAD.unpack_from(buffer, pos)
         if count > self.max_entries_per_frame:
-            raise WireError(f"batch of {count} items exceeds the limit of "
-                            f"{self.max_entries_per_frame} per frame")
+            raise _batch_too_large(count, self.max_entries_per_frame)
         if count * 4 > length:  # every item has at least its 4-byte length
             raise WireError(f"batch announces {count} items in a {length}-byte payload")
