@@ -17,6 +17,7 @@ from nseh.lab.layout import namespace_of
 NSEH = str(Path(sys.executable).with_name("nseh"))
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_VM = REPO / "examples" / "web1.toml"
+EXAMPLE_IPS_VM = REPO / "examples" / "web1-ips.toml"  # the same VM with [policy.ips]
 
 
 def nseh(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -32,6 +33,22 @@ def nseh_json(*args: str) -> Any:
     """Run `nseh ... --json` (the flag goes before a `--` that starts a guest command)."""
     split = args.index("--") if "--" in args else len(args)
     return json.loads(nseh(*args[:split], "--json", *args[split:]).stdout)
+
+
+def vm_host(name: str) -> str:
+    """The one host VM `name` runs on."""
+    hosts = [v["host"] for v in nseh_json("vm", "list")["vms"] if v["name"] == name]
+    assert len(hosts) == 1, hosts
+    return str(hosts[0])
+
+
+def migrate(destination: str, sc: str, *options: str, vm: str = "web1") -> dict[str, Any]:
+    """`nseh migrate` (with extra `options`); the report, once the VM runs on `destination`."""
+    report: dict[str, Any] = nseh_json("migrate", vm, "--to", destination, "--sc", sc,
+                                       *options)
+    assert report["result"] == "migrated", report
+    assert vm_host(vm) == destination
+    return report
 
 
 _CONNECT = """
@@ -62,6 +79,25 @@ def client_connect(client: int, host: str, port: int, proto: str = "tcp",
                                 str(timeout)])
     return subprocess.run(argv, capture_output=True, text=True, check=True,
                            timeout=timeout + 10).stdout.strip()
+
+
+_SCAN = """
+import socket, sys, time
+host = sys.argv[1]
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+probes = [socket.socket(family, socket.SOCK_STREAM) for _ in sys.argv[2:]]
+for probe, port in zip(probes, sys.argv[2:]):
+    probe.setblocking(False)
+    probe.connect_ex((host, int(port)))
+time.sleep(0.3)  # the SYNs are out; no retransmission yet (1 s)
+"""
+
+
+def client_scan(client: int, host: str, ports: list[int]) -> None:
+    """From client node `client`: one TCP SYN to each port, as a port scan sends them."""
+    argv = lab.netns_exec_argv(lab.client_namespace(client),
+                               [sys.executable, "-c", _SCAN, host, *map(str, ports)])
+    subprocess.run(argv, check=True, timeout=20)
 
 
 def client_ping(client: int, host: str) -> bool:

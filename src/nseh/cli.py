@@ -388,6 +388,10 @@ def migrate(
     abort_at: Annotated[str | None, typer.Option(
         "--abort-at", help="Rollback drill: fail on purpose in this phase (prepare, transfer, "
                            "switchover); the VM must stay on the source.")] = None,
+    skip_engine: Annotated[list[str] | None, typer.Option(
+        "--skip-engine", help="Leave this security engine's state behind (repeatable: "
+                              "firewall, ips); the destination still installs its policy.")
+    ] = None,
     inventory: InventoryOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -407,7 +411,8 @@ def migrate(
                                        f"{escape(event['message'])}",
                                        highlight=False)
 
-        report = run(c.migrate(vm, to, sc, on_event=on_event, abort_at=abort_at))
+        report = run(c.migrate(vm, to, sc, on_event=on_event, abort_at=abort_at,
+                               skip_engines=skip_engine or []))
     if as_json:
         print_json(report)
     else:
@@ -441,7 +446,11 @@ def show_report(report: dict[str, Any]) -> None:
             ("SC time in stop window", f"{sc['stop_window_ms']:.1f} ms"),
             ("SC rejected by destination", str(sc["rejected"])),
             ("SC entries on destination", str(sc["destination_entries"])),
+            ("SC engines moved (records)",
+             ", ".join(f"{name} {count}" for name, count in sc["engines"].items()) or "none"),
         ]
+    if skipped := report.get("skipped_engines"):
+        rows.append(("engines left behind", ", ".join(skipped)))
     for name, value in rows:
         table.add_row(name, str(value))
     out.print(table)

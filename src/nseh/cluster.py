@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from nseh.api.client import AgentClient, AgentError, EventHandler
@@ -50,11 +51,13 @@ class Cluster:
 
     async def migrate(self, vm: str, destination: str, sc_mode: str, *,
                       on_event: EventHandler | None = None,
-                      abort_at: str | None = None) -> dict[str, Any]:
+                      abort_at: str | None = None,
+                      skip_engines: Sequence[str] = ()) -> dict[str, Any]:
         endpoint = self.inventory.endpoint(destination)
         source = await self.locate(vm)
         result: dict[str, Any] = await self.call(
             source, "vm.migrate",
             {"name": vm, "destination": destination, "destination_endpoint": endpoint,
-             "sc": sc_mode, "abort_at": abort_at}, on_event=on_event, timeout=900)
+             "sc": sc_mode, "abort_at": abort_at, "skip_engines": list(skip_engines)},
+            on_event=on_event, timeout=900)
         return result

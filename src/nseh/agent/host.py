@@ -378,20 +378,34 @@ class HostAgent:
         if abort_at not in (None, *ABORTABLE_PHASES):
             raise ApiError("bad-request", f"cannot abort in phase {abort_at!r} (choose from "
                                           f"{', '.join(ABORTABLE_PHASES)})")
+        skip = self._skipped_engines(params.get("skip_engines") or [])
         vm.state = VMState.MIGRATING
         vm.save()
+        # A skipped engine's state stays behind; the destination still installs its policy
+        # from the VM's definition (`_create`), so it protects the VM from a clean slate.
         migration = SourceMigration(vm=vm, source=self.host, destination=destination,
                                     destination_agent=AgentClient(endpoint, tls=self._tls()),
                                     sc_mode=sc_mode,
-                                    engines=self.engines, credentials=self.credentials,
+                                    engines=[e for e in self.engines if e.name not in skip],
+                                    credentials=self.credentials,
                                     emit=emit, abort_at=Phase(abort_at) if abort_at else None)
         report = await migration.run()
+        report["skipped_engines"] = sorted(skip)
         if migration.run_state.phase == "done":
             await self._destroy(vm)
         else:
             vm.state = VMState.RUNNING
             vm.save()
         return report
+
+    def _skipped_engines(self, names: Any) -> set[str]:
+        known = [engine.name for engine in self.engines]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ApiError("bad-request", "skip_engines must be a list of engine names")
+        if unknown := [n for n in names if n not in known]:
+            raise ApiError("bad-request", f"unknown security engine {unknown[0]!r} "
+                                          f"(choose from {', '.join(known)})")
+        return set(names)
 
     # -- API: migration, destination side ------------------------------------------------
 
