@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from nseh import lab
+from nseh.lab import traffic
 from nseh.lab.layout import namespace_of
+from nseh.lab.netns import call_in_namespace
 
 NSEH = str(Path(sys.executable).with_name("nseh"))
 REPO = Path(__file__).resolve().parent.parent
@@ -51,53 +53,16 @@ def migrate(destination: str, sc: str, *options: str, vm: str = "web1") -> dict[
     return report
 
 
-_CONNECT = """
-import socket, sys
-host, port, proto, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-family = socket.AF_INET6 if ":" in host else socket.AF_INET
-kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-s = socket.socket(family, kind)
-s.settimeout(timeout)
-try:
-    s.connect((host, port))
-    s.sendall(b"hello\\n")
-    print("echo" if s.recv(100) == b"hello\\n" else "wrong")
-except socket.timeout:
-    print("timeout")
-except ConnectionRefusedError:
-    print("refused")
-except OSError as e:
-    print(type(e).__name__)
-"""
-
-
 def client_connect(client: int, host: str, port: int, proto: str = "tcp",
                    timeout: float = 2.0) -> str:
     """From client node `client`: "echo" if the VM's echo service answered, else why not."""
-    argv = lab.netns_exec_argv(lab.client_namespace(client),
-                               [sys.executable, "-c", _CONNECT, host, str(port), proto,
-                                str(timeout)])
-    return subprocess.run(argv, capture_output=True, text=True, check=True,
-                           timeout=timeout + 10).stdout.strip()
-
-
-_SCAN = """
-import socket, sys, time
-host = sys.argv[1]
-family = socket.AF_INET6 if ":" in host else socket.AF_INET
-probes = [socket.socket(family, socket.SOCK_STREAM) for _ in sys.argv[2:]]
-for probe, port in zip(probes, sys.argv[2:]):
-    probe.setblocking(False)
-    probe.connect_ex((host, int(port)))
-time.sleep(0.3)  # the SYNs are out; no retransmission yet (1 s)
-"""
+    return call_in_namespace(lab.client_namespace(client), traffic.echo, host, port, proto,
+                             timeout)
 
 
 def client_scan(client: int, host: str, ports: list[int]) -> None:
     """From client node `client`: one TCP SYN to each port, as a port scan sends them."""
-    argv = lab.netns_exec_argv(lab.client_namespace(client),
-                               [sys.executable, "-c", _SCAN, host, *map(str, ports)])
-    subprocess.run(argv, check=True, timeout=20)
+    call_in_namespace(lab.client_namespace(client), traffic.scan, host, ports)
 
 
 def client_ping(client: int, host: str) -> bool:
