@@ -472,11 +472,16 @@ def bench(
     workloads: Annotated[str | None, typer.Option(
         help="Workloads: idle,http,memory (full: all).")] = None,
     modes: Annotated[str | None, typer.Option(
-        help="SC modes: none,stopcopy,precopy (default: all).")] = None,
+        help="SC modes: none,stopcopy,precopy, and precopy-noips with --ips-blocks "
+             "(default: all).")] = None,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Output directory (default: bench/results/<UTC timestamp>).")] = None,
     no_microbench: Annotated[bool, typer.Option(
         "--no-microbench", help="Skip the SC fast-path micro-benchmark.")] = False,
+    ips_blocks: Annotated[int | None, typer.Option(
+        help="Give the VM an IPS blocking this many sources before each migration, and add "
+             "the mode precopy-noips (precopy leaving the IPS state behind) to compare.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Benchmark real migrations on its own lab (needs root): downtime and cost of the SC."""
@@ -488,7 +493,8 @@ def bench(
 
     try:
         config = configure(quick=quick, sizes=sizes, workloads=workloads, modes=modes,
-                           reps=reps, microbench=not no_microbench, out=out_dir)
+                           reps=reps, microbench=not no_microbench, ips_blocks=ips_blocks,
+                           out=out_dir)
     except BenchConfigError as exc:
         fail(str(exc))
     if os.geteuid() != 0:
