@@ -149,11 +149,12 @@ def show(console: Console, result: dict[str, Any]) -> None:
                       f"{flow['longest_gap_ms']:.0f} ms", fate)
     console.print(table)
     if sc := report.get("sc"):
-        moved = sc["engines"]
-        console.print(f"security context: {moved.get('firewall', 0)} conntrack entries and "
-                      f"{moved.get('ips', 0)} IPS records moved ({sc['bytes']} bytes, "
-                      f"{sc['rounds']} change rounds); final delta {sc['final_delta']} "
-                      f"records, {sc['stop_window_ms']:.1f} ms inside the stop window")
+        ips = sc["engines"].get("ips", 0)
+        console.print(f"security context: {sc['engines'].get('firewall', 0)} conntrack "
+                      f"entries and {ips} IPS record{'s' * (ips != 1)} moved ({sc['bytes']} "
+                      f"bytes, {sc['rounds']} change rounds); final delta "
+                      f"{sc['final_delta']} records, {sc['stop_window_ms']:.1f} ms inside "
+                      "the stop window")
     console.print(f"destination {result['destination']} firewall: "
                   f"{result['destination_invalid_drops']} packets dropped as "
                   "`ct state invalid` during the migration")
@@ -210,7 +211,7 @@ async def _demo(cluster: Cluster, console: Console, client_namespace: str) -> di
                            f"{sc.get('stop_window_ms', 0):.1f} ms",
                            f"{alive} of {len(result['flows'])}",
                            str(result["destination_invalid_drops"]),
-                           f"yes, {block['expires_s']:.0f} s left" if block else "no")
+                           f"yes ({block['expires_s']:.0f} s)" if block else "no")
     console.print()
     console.print(comparison)
     console.print(
