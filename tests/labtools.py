@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from nseh import lab
+from nseh.lab import traffic
 from nseh.lab.echo import EchoServer
 from nseh.lab.layout import namespace_of
+from nseh.lab.netns import call_in_namespace
 
 NSEH = str(Path(sys.executable).with_name("nseh"))
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_VM = REPO / "examples" / "web1.toml"
+EXAMPLE_IPS_VM = REPO / "examples" / "web1-ips.toml"  # the same VM with [policy.ips]
 
 
 def nseh(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -35,34 +38,32 @@ def nseh_json(*args: str) -> Any:
     return json.loads(nseh(*args[:split], "--json", *args[split:]).stdout)
 
 
-_CONNECT = """
-import socket, sys
-host, port, proto, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-family = socket.AF_INET6 if ":" in host else socket.AF_INET
-kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-s = socket.socket(family, kind)
-s.settimeout(timeout)
-try:
-    s.connect((host, port))
-    s.sendall(b"hello\\n")
-    print("echo" if s.recv(100) == b"hello\\n" else "wrong")
-except socket.timeout:
-    print("timeout")
-except ConnectionRefusedError:
-    print("refused")
-except OSError as e:
-    print(type(e).__name__)
-"""
+def vm_host(name: str) -> str:
+    """The one host VM `name` runs on."""
+    hosts = [v["host"] for v in nseh_json("vm", "list")["vms"] if v["name"] == name]
+    assert len(hosts) == 1, hosts
+    return str(hosts[0])
+
+
+def migrate(destination: str, sc: str, *options: str, vm: str = "web1") -> dict[str, Any]:
+    """`nseh migrate` (with extra `options`); the report, once the VM runs on `destination`."""
+    report: dict[str, Any] = nseh_json("migrate", vm, "--to", destination, "--sc", sc,
+                                       *options)
+    assert report["result"] == "migrated", report
+    assert vm_host(vm) == destination
+    return report
 
 
 def client_connect(client: int, host: str, port: int, proto: str = "tcp",
                    timeout: float = 2.0) -> str:
     """From client node `client`: "echo" if the VM's echo service answered, else why not."""
-    argv = lab.netns_exec_argv(lab.client_namespace(client),
-                               [sys.executable, "-c", _CONNECT, host, str(port), proto,
-                                str(timeout)])
-    return subprocess.run(argv, capture_output=True, text=True, check=True,
-                           timeout=timeout + 10).stdout.strip()
+    return call_in_namespace(lab.client_namespace(client), traffic.echo, host, port, proto,
+                             timeout)
+
+
+def client_scan(client: int, host: str, ports: list[int]) -> None:
+    """From client node `client`: one TCP SYN to each port, as a port scan sends them."""
+    call_in_namespace(lab.client_namespace(client), traffic.scan, host, ports)
 
 
 def client_ping(client: int, host: str) -> bool:

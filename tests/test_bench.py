@@ -88,6 +88,33 @@ def test_overhead_ratios_and_downtime_target_verdicts():
     assert "**MISSED**" in to_markdown(summary)
 
 
+def test_carrying_ips_state_is_judged_against_precopy_without_it():
+    samples = [
+        sample("none", 20, 500), sample("precopy-noips", 21, 520, sc_stop_window_ms=1.0),
+        # 1,000 blocks moved: +12 ms in the stop window, +12 ms (+57%) of downtime: missed.
+        sample("precopy", 33, 530, sc_stop_window_ms=13.0, ips_blocks=1000,
+               sc_ips_records=1000),
+        # No blocks: +0.5 ms: met.
+        sample("precopy-noips", 21, 520, size=0), sample("precopy", 21.5, 520, size=0,
+                                                         ips_blocks=0),
+    ]
+    summary = summarize(samples)
+    rows = {o["size"]: o for o in summary["ips_overheads"]}
+    assert rows[10_000]["downtime_ms"] == {"base": 21, "value": 33, "delta": 12,
+                                           "ratio": 1.571}
+    assert rows[10_000]["sc_stop_window_ms"]["delta"] == 12
+    assert rows[10_000]["ips_blocks"]["median"] == 1000
+    verdicts = {t["where"]: t for t in summary["targets"] if t["target"].startswith("IPS")}
+    missed = verdicts["http, 10,000 entries, 1,000 IPS blocks"]
+    assert missed["met"] is False and "+12.0 ms (+57%)" in missed["figure"]
+    assert "SC in the stop window 13 vs 1 ms" in missed["figure"]
+    assert verdicts["http, 0 entries, 0 IPS blocks"]["met"] is True
+    # precopy-noips is a mode of its own against none as well.
+    over = {(o["size"], o["mode"]) for o in summary["overheads"]}
+    assert (10_000, "precopy-noips") in over
+    assert "## Carrying IPS state" in to_markdown(summary)
+
+
 def test_microbench_target_verdicts():
     verdicts = summarize([], microbench=MICROBENCH)["targets"]
     found = {(t["target"][:9], t["where"]): t["met"] for t in verdicts}
@@ -161,12 +188,24 @@ def test_quick_and_full_presets_and_overrides():
                              microbench_sizes=())
 
 
+def test_ips_blocks_add_precopy_without_ips_to_the_modes():
+    config = configure(quick=True, ips_blocks=1000)
+    assert config.modes == ("none", "stopcopy", "precopy", "precopy-noips")
+    assert config.ips_blocks == 1000 and config.migrations == 32
+    chosen = configure(quick=True, modes="precopy,precopy-noips", ips_blocks=0)
+    assert chosen.modes == ("precopy", "precopy-noips")
+    assert plan(chosen)[1].mode == "precopy-noips"
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"sizes": "0,ten"}, "'ten' is not a number"),
     ({"sizes": "-5"}, "0 or more"),
     ({"workloads": "idle,video"}, "unknown video"),
     ({"modes": "precopy,precopy"}, "listed twice"),
     ({"reps": 0}, "at least 1"),
+    ({"modes": "none,precopy-noips"}, "precopy-noips needs --ips-blocks"),
+    ({"ips_blocks": -1}, "0 to 65,535"),
+    ({"ips_blocks": 70_000}, "0 to 65,535"),
 ])
 def test_bad_options_are_one_line_errors(options: dict, message: str):
     with pytest.raises(BenchConfigError, match=message):
@@ -237,9 +276,10 @@ def test_a_report_without_qemu_times_gives_missing_not_zero():
                        "dirty_sync_count": 3},
               "sc": {"entries": 2088, "bytes": 415304, "rounds": 2, "final_delta": 66,
                      "stop_window_ms": 3.56, "rejected": 1, "reasons": ["why", "not"],
-                     "destination_entries": 1583}}
+                     "destination_entries": 1583, "engines": {"firewall": 2087, "ips": 1}}}
     s = sample("precopy", 0, 0, ok=False)  # as measure() makes it: no figures yet
     record_report(s, report)
     assert (s.downtime_ms, s.total_time_ms, s.setup_time_ms) == (None, None, None)
     assert s.ram_transferred_bytes == 82216616 and s.sc_reasons == "why; not"
+    assert s.sc_ips_records == 1
     assert summarize([s])["qemu_times_missing"] == 1

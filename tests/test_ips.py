@@ -668,6 +668,29 @@ def test_blocks_expire_and_operators_manage_them(hosts: tuple[Host, Host],
         h1.ips.block("web1", ip(VM4))
 
 
+def test_an_unblock_forgets_the_sources_detection_in_progress(hosts: tuple[Host, Host],
+                                                              server: EchoServer) -> None:
+    h1, _ = hosts
+    scope = h1.install(vm_definition())
+    knock(ATTACKER, CLOSED[:5])  # one closed port short of a scan
+    deadline = time.monotonic() + 3
+    while h1.ips.count(scope) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert h1.ips.count(scope) == 1
+    tracker = h1.ips.track(scope)
+    try:
+        assert not h1.ips.unblock("web1", ip(ATTACKER4))  # there was no block
+        assert h1.ips.count(scope) == 0
+        # A migration in progress deletes the detection on the destination too.
+        assert [decode_record(r)[0] for r in tracker.collect().deletes] == [
+            RecordKey("web1", "track", ip(ATTACKER4))]
+    finally:
+        tracker.close()
+    knock(ATTACKER, CLOSED[5:6])  # the sixth closed port starts from zero: no scan
+    assert blocked(h1, ATTACKER4, timeout=1) is None
+    assert reaches(ATTACKER)
+
+
 def test_blocks_move_to_another_host_with_their_remaining_time(
         hosts: tuple[Host, Host], server: EchoServer) -> None:
     h1, h2 = hosts

@@ -16,9 +16,11 @@ import pytest
 from labtools import (
     EXAMPLE_VM,
     client_connect,
+    migrate,
     nseh,
     nseh_json,
     start_client_echo_server,
+    vm_host,
 )
 
 from nseh import lab
@@ -52,12 +54,6 @@ def client_echo_server(running_lab) -> Iterator[None]:
         yield
 
 
-def vm_host(name: str) -> str:
-    hosts = [v["host"] for v in nseh_json("vm", "list")["vms"] if v["name"] == name]
-    assert len(hosts) == 1, hosts
-    return hosts[0]
-
-
 def guest_echoes() -> int:
     """Echo lines the guest's own outbound flow has received so far."""
     result = nseh_json("vm", "exec", "web1", "--", "wc -l < /tmp/echoes")
@@ -68,13 +64,6 @@ def guest_flow_alive() -> bool:
     before = guest_echoes()
     time.sleep(1.5)
     return guest_echoes() > before
-
-
-def migrate(destination: str, sc: str) -> dict:
-    report = nseh_json("migrate", "web1", "--to", destination, "--sc", sc)
-    assert report["result"] == "migrated", report
-    assert vm_host("web1") == destination
-    return report
 
 
 def test_precopy_keeps_every_flow_alive_there_and_back(web1, client_echo_server):

@@ -393,6 +393,10 @@ def migrate(
                           "switchover, commit) for --hold-seconds, to inject a fault.")] = None,
     hold_seconds: Annotated[float, typer.Option(
         help="How long --hold-at pauses.")] = 15.0,
+    skip_engine: Annotated[list[str] | None, typer.Option(
+        "--skip-engine", help="Leave this security engine's state behind (repeatable: "
+                              "firewall, ips); the destination still installs its policy.")
+    ] = None,
     inventory: InventoryOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -413,7 +417,8 @@ def migrate(
                                        highlight=False)
 
         drills = {"abort_at": abort_at, "hold_at": hold_at, "hold_seconds": hold_seconds}
-        report = run(c.migrate(vm, to, sc, on_event=on_event, drills=drills))
+        report = run(c.migrate(vm, to, sc, on_event=on_event, drills=drills,
+                               skip_engines=skip_engine or []))
     if as_json:
         print_json(report)
     else:
@@ -451,7 +456,11 @@ def show_report(report: dict[str, Any]) -> None:
             ("SC time in stop window", f"{sc['stop_window_ms']:.1f} ms"),
             ("SC rejected by destination", str(sc["rejected"])),
             ("SC entries on destination", str(sc["destination_entries"])),
+            ("SC engines moved (records)",
+             ", ".join(f"{name} {count}" for name, count in sc["engines"].items()) or "none"),
         ]
+    if skipped := report.get("skipped_engines"):
+        rows.append(("engines left behind", ", ".join(skipped)))
     for name, value in rows:
         table.add_row(name, str(value))
     out.print(table)
@@ -473,11 +482,16 @@ def bench(
     workloads: Annotated[str | None, typer.Option(
         help="Workloads: idle,http,memory (full: all).")] = None,
     modes: Annotated[str | None, typer.Option(
-        help="SC modes: none,stopcopy,precopy (default: all).")] = None,
+        help="SC modes: none,stopcopy,precopy, and precopy-noips with --ips-blocks "
+             "(default: all).")] = None,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Output directory (default: bench/results/<UTC timestamp>).")] = None,
     no_microbench: Annotated[bool, typer.Option(
         "--no-microbench", help="Skip the SC fast-path micro-benchmark.")] = False,
+    ips_blocks: Annotated[int | None, typer.Option(
+        help="Give the VM an IPS blocking this many sources before each migration, and add "
+             "the mode precopy-noips (precopy leaving the IPS state behind) to compare.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Benchmark real migrations on its own lab (needs root): downtime and cost of the SC."""
@@ -489,7 +503,8 @@ def bench(
 
     try:
         config = configure(quick=quick, sizes=sizes, workloads=workloads, modes=modes,
-                           reps=reps, microbench=not no_microbench, out=out_dir)
+                           reps=reps, microbench=not no_microbench, ips_blocks=ips_blocks,
+                           out=out_dir)
     except BenchConfigError as exc:
         fail(str(exc))
     if os.geteuid() != 0:

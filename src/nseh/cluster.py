@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from nseh.api.client import AgentClient, AgentError, EventHandler
@@ -50,12 +51,14 @@ class Cluster:
 
     async def migrate(self, vm: str, destination: str, sc_mode: str, *,
                       on_event: EventHandler | None = None,
-                      drills: dict[str, Any] | None = None) -> dict[str, Any]:
+                      drills: dict[str, Any] | None = None,
+                      skip_engines: Sequence[str] = ()) -> dict[str, Any]:
         """`drills`: abort_at / hold_at / hold_seconds (see `nseh migrate --help`)."""
         endpoint = self.inventory.endpoint(destination)
         source = await self.locate(vm)
         result: dict[str, Any] = await self.call(
             source, "vm.migrate",
             {"name": vm, "destination": destination, "destination_endpoint": endpoint,
-             "sc": sc_mode, **(drills or {})}, on_event=on_event, timeout=900)
+             "sc": sc_mode, "skip_engines": list(skip_engines), **(drills or {})},
+            on_event=on_event, timeout=900)
         return result

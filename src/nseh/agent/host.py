@@ -479,18 +479,23 @@ class HostAgent:
         hold_seconds = params.get("hold_seconds", 15.0)
         if not isinstance(hold_seconds, int | float) or not 0 <= hold_seconds <= 600:
             raise ApiError("bad-request", "hold_seconds must be a number of seconds, 0 to 600")
+        skip = self._skipped_engines(params.get("skip_engines") or [])
         vm.state = VMState.MIGRATING
         vm.migrating_to, vm.migration_endpoint = destination, endpoint
         vm.save()
+        # A skipped engine's state stays behind; the destination still installs its policy
+        # from the VM's definition (`_create`), so it protects the VM from a clean slate.
         migration = SourceMigration(vm=vm, source=self.host, destination=destination,
                                     destination_agent=AgentClient(endpoint, tls=self._tls()),
                                     sc_mode=sc_mode,
-                                    engines=self.engines, credentials=self.credentials,
+                                    engines=[e for e in self.engines if e.name not in skip],
+                                    credentials=self.credentials,
                                     limits=self.config.limits, emit=emit,
                                     abort_at=Phase(abort_at) if abort_at else None,
                                     hold_at=Phase(hold_at) if hold_at else None,
                                     hold_seconds=float(hold_seconds))
         report = await migration.run()
+        report["skipped_engines"] = sorted(skip)
         if migration.run_state.phase == Phase.DONE:
             await self._destroy(vm)
         elif migration.run_state.unsettled:
@@ -500,6 +505,15 @@ class HostAgent:
             vm.migrating_to = vm.migration_endpoint = None
             vm.save()
         return report
+
+    def _skipped_engines(self, names: Any) -> set[str]:
+        known = [engine.name for engine in self.engines]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ApiError("bad-request", "skip_engines must be a list of engine names")
+        if unknown := [n for n in names if n not in known]:
+            raise ApiError("bad-request", f"unknown security engine {unknown[0]!r} "
+                                          f"(choose from {', '.join(known)})")
+        return set(names)
 
     # -- API: migration, destination side ------------------------------------------------
 

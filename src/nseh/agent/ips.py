@@ -555,14 +555,19 @@ class IpsEngine:
             return block
 
     def unblock(self, name: str, source: IPAddress) -> bool:
-        """Remove a block; whether there was one."""
+        """Remove a block, and the source's detection in progress (the operator vouches for
+        it: its detections start from zero); whether there was a block."""
         with self._lock:
-            self._vm(name)
+            vm = self._vm(name)
             present = any(b.source == source for b in self._read_blocks(name))
             if present:
                 self._run_text(element_commands(name, [], [source]),
                                f"unblock {source} for {name}")
                 log.warning("IPS %s: unblocked %s by an operator", name, source)
+            if source in vm.detector.sources():
+                vm.detector.forget(source)
+                for tracker in self._trackers.get(name, []):
+                    tracker.touch(source)
             return present
 
     # -- SecurityEngine ----------------------------------------------------------------------

@@ -3,6 +3,10 @@
 A cell is (workload, SC size); each repetition of a cell migrates the VM once per SC mode.
 The modes' order rotates from one repetition to the next, so that no mode always comes
 first (right after a cell's set-up) or always follows the same other mode.
+
+With `--ips-blocks N` the VM has intrusion prevention holding N blocked sources, and the
+mode `precopy-noips` (precopy that leaves the IPS state behind, `--skip-engine ips`) joins
+the modes: beside `precopy` it gives what carrying the IPS state costs.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from pathlib import Path
 
 WORKLOADS = ("idle", "http", "memory")
 MODES = ("none", "stopcopy", "precopy")
+NOIPS = "precopy-noips"
+MAX_IPS_BLOCKS = 65_535  # the blocked sources' range (workloads.block_sources)
 
 
 class BenchConfigError(ValueError):
@@ -26,6 +32,8 @@ class BenchConfig:
     reps: int
     # Entry counts for the SC fast-path micro-benchmark; empty: skip it.
     microbench_sizes: tuple[int, ...] = ()
+    # Blocked sources the VM's IPS holds before each migration; None: the VM has no IPS.
+    ips_blocks: int | None = None
     out: Path | None = field(default=None, compare=False)
 
     def validate(self) -> BenchConfig:
@@ -36,7 +44,7 @@ class BenchConfig:
         if len(set(self.sizes)) != len(self.sizes):
             raise BenchConfigError("--sizes: a size is listed twice")
         for name, given, known in (("--workloads", self.workloads, WORKLOADS),
-                                   ("--modes", self.modes, MODES)):
+                                   ("--modes", self.modes, (*MODES, NOIPS))):
             if not given:
                 raise BenchConfigError(f"{name}: give at least one of {', '.join(known)}")
             if unknown := [g for g in given if g not in known]:
@@ -46,6 +54,11 @@ class BenchConfig:
                 raise BenchConfigError(f"{name}: an entry is listed twice")
         if self.reps < 1:
             raise BenchConfigError("--reps: at least 1 repetition")
+        if self.ips_blocks is None and NOIPS in self.modes:
+            raise BenchConfigError(f"--modes: {NOIPS} needs --ips-blocks (the VM has no IPS "
+                                   "without it)")
+        if self.ips_blocks is not None and not 0 <= self.ips_blocks <= MAX_IPS_BLOCKS:
+            raise BenchConfigError(f"--ips-blocks: 0 to {MAX_IPS_BLOCKS:,} blocked sources")
         return self
 
     @property
@@ -61,8 +74,9 @@ FULL = BenchConfig(sizes=(0, 1_000, 10_000, 100_000), workloads=WORKLOADS, modes
 
 def configure(*, quick: bool, sizes: str | None = None, workloads: str | None = None,
               modes: str | None = None, reps: int | None = None, microbench: bool = True,
-              out: Path | None = None) -> BenchConfig:
-    """The preset (quick or full) with the options given on the command line applied."""
+              ips_blocks: int | None = None, out: Path | None = None) -> BenchConfig:
+    """The preset (quick or full) with the options given on the command line applied; with
+    `ips_blocks` and no `modes`, the preset's modes and `precopy-noips`."""
     config = QUICK if quick else FULL
     if sizes is not None:
         config = replace(config, sizes=tuple(_parse_size(s) for s in _split(sizes)))
@@ -74,6 +88,10 @@ def configure(*, quick: bool, sizes: str | None = None, workloads: str | None = 
         config = replace(config, reps=reps)
     if not microbench:
         config = replace(config, microbench_sizes=())
+    if ips_blocks is not None:
+        config = replace(config, ips_blocks=ips_blocks)
+        if modes is None:
+            config = replace(config, modes=(*config.modes, NOIPS))
     return replace(config, out=out).validate()
 
 

@@ -11,8 +11,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after use(): the backend must be chosen first
 from matplotlib.ticker import LogLocator, NullLocator, ScalarFormatter
 
+from nseh.bench.matrix import NOIPS
+
 MODE_STYLE = {"none": ("tab:gray", "o"), "stopcopy": ("tab:red", "s"),
-              "precopy": ("tab:blue", "^")}
+              "precopy": ("tab:blue", "^"), NOIPS: ("tab:green", "v")}
 
 
 def _zero_position(sizes: list[int]) -> float:

@@ -20,18 +20,20 @@ from rich.table import Table
 from nseh import lab
 from nseh.api.client import AgentError
 from nseh.bench import plots
-from nseh.bench.matrix import BenchConfig, PlannedMigration, plan
-from nseh.bench.report import Sample, span, summarize, to_markdown, write_samples
+from nseh.bench.matrix import NOIPS, BenchConfig, PlannedMigration, plan
+from nseh.bench.report import Sample, ratio_cell, span, summarize, to_markdown, write_samples
 from nseh.bench.workloads import (
     MEMORY_START,
     MEMORY_STOP,
     PROBE_CLIENT,
     HttpLoad,
+    block_sources,
     probe_flow_args,
     top_up_sc,
 )
 from nseh.cluster import Cluster
-from nseh.demo import DEMO_VM
+from nseh.definition import IpsPolicy, PortScan
+from nseh.demo import DEMO_VM, with_ips
 from nseh.inventory import Inventory
 from nseh.lab.layout import namespace_of
 from nseh.lab.probe import Probe
@@ -46,6 +48,10 @@ HTTP_WARMUP = 1.0
 SETTLE = 3.0
 MICROBENCH_TIMEOUT = 900
 GUEST_TIMEOUT, GUEST_ATTEMPTS = 20, 2  # the guest commands take well under a second
+# --ips-blocks: the VM's intrusion prevention (no workload scans it), and how long the
+# blocks the benchmark adds last: longer than any run, so none expires during it.
+BENCH_IPS = IpsPolicy(portscan=PortScan(ports=10, seconds=30))
+BLOCK_SECONDS = 86_400
 
 
 class BenchError(RuntimeError):
@@ -86,7 +92,8 @@ def run_bench(config: BenchConfig, console: Console) -> tuple[Path, dict[str, An
             lab.down()
     info.update(started_utc=started_utc, wall_s=round(time.monotonic() - started),
                 sizes=list(config.sizes), workloads=list(config.workloads),
-                modes=list(config.modes), reps=config.reps, stopped_early=stopped,
+                modes=list(config.modes), reps=config.reps, ips_blocks=config.ips_blocks,
+                stopped_early=stopped,
                 machine=f"{os.cpu_count()} CPUs, kernel {os.uname().release}, "
                         f"guest accel {info.get('accel', '?')}")
     summary = summarize(samples, microbench=microbench, run_info=info)
@@ -129,8 +136,10 @@ def run_microbench(sizes: tuple[int, ...], console: Console) -> dict[str, Any] |
 
 async def _run_matrix(cluster: Cluster, config: BenchConfig, samples: list[Sample],
                       info: dict[str, Any], console: Console) -> None:
+    definition = VM if config.ips_blocks is None else with_ips(VM, BENCH_IPS)
     with console.status(f"booting {VM.name} on h1"):
-        vm = await cluster.call("h1", "vm.start", {"definition": VM.to_json()}, timeout=900)
+        vm = await cluster.call("h1", "vm.start", {"definition": definition.to_json()},
+                                timeout=900)
     info["accel"] = vm.get("accel")
     # One unrecorded migration first: a host's first incoming VM pays one-off costs (the
     # guest image prepared there) that would otherwise land in the first sample.
@@ -153,7 +162,7 @@ async def _run_matrix(cluster: Cluster, config: BenchConfig, samples: list[Sampl
                 workload = item.workload
             progress.update(task, description=f"{item.workload} | {item.size:,} entries | "
                                               f"rep {item.rep}/{config.reps} | {item.mode}")
-            sample = await measure(cluster, item, synthetic_high)
+            sample = await measure(cluster, item, synthetic_high, config.ips_blocks)
             synthetic_high = max(synthetic_high, sample.synthetic_entries or 0)
             samples.append(sample)
             progress.console.print(escape(describe(sample)), highlight=False)
@@ -187,8 +196,23 @@ async def _mark(cluster: Cluster, host: str) -> int:
     return int(next(v["mark"] for v in vms if v["name"] == VM.name))
 
 
-async def measure(cluster: Cluster, item: PlannedMigration, clear: int) -> Sample:
-    """One migration of the VM to the other host under the item's workload and SC size."""
+async def top_up_blocks(cluster: Cluster, host: str, count: int) -> int:
+    """Have the VM's IPS on `host` block `count` sources (those a migration carried are
+    there already) through the agent's API; how many it then blocks."""
+    listed = await cluster.call(host, "ips.list", {"name": VM.name}, timeout=30)
+    present = {block["source"] for block in listed["blocks"]}
+    for source in block_sources(count):
+        if source not in present:
+            await cluster.call(host, "ips.block", {"name": VM.name, "source": source,
+                                                   "seconds": BLOCK_SECONDS}, timeout=30)
+    listed = await cluster.call(host, "ips.list", {"name": VM.name}, timeout=30)
+    return len(listed["blocks"])
+
+
+async def measure(cluster: Cluster, item: PlannedMigration, clear: int,
+                  ips_blocks: int | None = None) -> Sample:
+    """One migration of the VM to the other host under the item's workload and SC size
+    (and, with `ips_blocks`, that many blocked sources in its IPS)."""
     source = await cluster.locate(VM.name)
     destination = next(h for h in HOSTS if h != source)
     sample = Sample(workload=item.workload, size=item.size, mode=item.mode, rep=item.rep,
@@ -210,8 +234,12 @@ async def measure(cluster: Cluster, item: PlannedMigration, clear: int) -> Sampl
         except RuntimeError as exc:
             raise BenchError(str(exc)) from None
         sample.live_entries, sample.synthetic_entries = counts["live"], counts["added"]
+        if ips_blocks is not None:
+            sample.ips_blocks = await top_up_blocks(cluster, source, ips_blocks)
+        sc_mode, skip = ("precopy", ["ips"]) if item.mode == NOIPS else (item.mode, [])
         try:
-            record_report(sample, await cluster.migrate(VM.name, destination, item.mode))
+            record_report(sample, await cluster.migrate(VM.name, destination, sc_mode,
+                                                        skip_engines=skip))
         except AgentError as exc:
             sample.failure = str(exc)
         await asyncio.sleep(SETTLE)
@@ -252,6 +280,7 @@ def record_report(sample: Sample, report: dict[str, Any]) -> None:
         sample.sc_rejected = sc["rejected"]
         sample.sc_reasons = "; ".join(sc["reasons"]) or None
         sample.sc_destination_entries = sc["destination_entries"]
+        sample.sc_ips_records = sc["engines"].get("ips")
 
 
 def _record_http(sample: Sample, figures: dict[str, Any]) -> None:
@@ -273,7 +302,7 @@ def _record_flows(sample: Sample, flows: list[dict[str, Any]]) -> None:
 
 def describe(sample: Sample) -> str:
     """One line per migration for the progress log."""
-    head = (f"{sample.workload} {sample.size:,} rep {sample.rep} {sample.mode:8} "
+    head = (f"{sample.workload} {sample.size:,} rep {sample.rep} {sample.mode:13} "
             f"{sample.direction}: {sample.result}")
     if not sample.ok:
         return f"{head} ({sample.failure})"
@@ -283,7 +312,9 @@ def describe(sample: Sample) -> str:
         stop += f" (QEMU paused {sample.sc_pause_ms:.1f} ms)"
     return (f"{head}, downtime {sample.downtime_ms} ms, total {sample.total_time_ms} ms, "
             f"wall {sample.wall_ms} ms{stop}, entries {sample.live_entries} live + "
-            f"{sample.synthetic_entries}, flows {sample.flows_survived}/{sample.flows}, "
+            f"{sample.synthetic_entries}"
+            + (f", IPS blocks {sample.ips_blocks}" if sample.ips_blocks is not None else "")
+            + f", flows {sample.flows_survived}/{sample.flows}, "
             f"longest TCP gap {sample.longest_tcp_gap_ms} ms")
 
 
@@ -297,6 +328,14 @@ def show_summary(console: Console, summary: dict[str, Any], out: Path) -> None:
                       span(c["sc_stop_window_ms"]), span(c["longest_tcp_gap_ms"]),
                       f"{c['flows_survived']}/{c['flows']}", f"{c['failed']}/{c['samples']}")
     console.print(table)
+    if summary["ips_overheads"]:
+        ips = Table("workload", "SC size", "IPS blocks", "downtime ms", "SC stop ms",
+                    "wall ms", title="carrying IPS state: precopy vs precopy-noips, medians")
+        for o in summary["ips_overheads"]:
+            ips.add_row(o["workload"], f"{o['size']:,}", span(o["ips_blocks"]),
+                        *(ratio_cell(o[key]) for key in ("downtime_ms", "sc_stop_window_ms",
+                                                          "wall_ms")))
+        console.print(ips)
     verdicts = Table("target", "where", "verdict", "figure", title="targets")
     for t in summary["targets"]:
         verdict = {True: "[green]met[/]", False: "[red]MISSED[/]", None: "not measured"}

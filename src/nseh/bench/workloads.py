@@ -14,10 +14,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 from nseh.lab.layout import namespace_of, netns_exec_argv
+
+# --ips-blocks: the blocked sources come from the second half of the benchmarking range
+# (scfill's synthetic peers use the first), which no lab node uses.
+BLOCK_BASE = IPv4Address("198.19.0.1")
 
 PROBE_CLIENT = "c1"
 HTTP_CLIENT = "c2"
@@ -51,6 +56,11 @@ MEMORY_STOP = f"kill $(cat {MEMORY_PIDFILE}) 2>/dev/null; rm -f {MEMORY_PIDFILE}
 MEMORY_START = (f"{MEMORY_STOP}; "
                 "(while :; do dd if=/dev/urandom of=/dev/null bs=16M count=1 2>/dev/null; "
                 f"done) >/dev/null 2>&1 & echo $! >{MEMORY_PIDFILE}")
+
+
+def block_sources(count: int) -> list[str]:
+    """The first `count` sources an --ips-blocks run has the VM's IPS block."""
+    return [str(BLOCK_BASE + index) for index in range(count)]
 
 
 def probe_flow_args(ipv4: str, ipv6: str) -> list[str]:

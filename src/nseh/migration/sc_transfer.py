@@ -80,6 +80,7 @@ class ScStats:
     rejected: int = 0
     reasons: list[str] = field(default_factory=list)
     destination_entries: int | None = None  # the VM's entries on the destination at the end
+    engines: dict[str, int] = field(default_factory=dict)  # engines carried -> records sent
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -98,7 +99,7 @@ class ScSender:
         self.engines = list(engines)
         self.scope = scope
         self.mode = mode
-        self.stats = ScStats()
+        self.stats = ScStats(engines={engine.name: 0 for engine in self.engines})
         self.trackers: dict[str, ChangeTracker] = {}
         self.round = 0
 
@@ -175,6 +176,7 @@ class ScSender:
                 messages.append(Entries(engine, self.round, batch))
             entries += len(delta.upserts)
             deletes += len(delta.deletes)
+            self.stats.engines[engine] += len(delta)
             self.stats.bytes += sum(map(len, delta.upserts)) + sum(map(len, delta.deletes))
         messages.append(Final(self.round, entries, deletes) if final
                         else RoundEnd(self.round, entries, deletes))
