@@ -95,6 +95,9 @@ RECORD_VERSION = 1
 MAX_RECORD_BYTES = 1 << 20
 # A block whose deadline moved less than this between two collections did not change.
 DEADLINE_TOLERANCE = 0.25
+# Above this many touched sources a collection reads the whole blocklist (one nft call)
+# rather than one element per source.
+MAX_TOUCHED_READ = 32
 
 _PREFIX = re.compile(rf"^{PREFIX} ([a-z][a-z0-9-]{{0,10}}) (closed|new|limit)$")
 _ELEMENT = re.compile(r"([0-9a-fA-F:.]+) timeout ([0-9dhms]+) expires ([0-9dhms]+)")
@@ -393,13 +396,20 @@ class _VmIps:
 
 class IpsTracker:
     """A VM's IPS changes since the last collection (none for a VM without an IPS). Its file
-    descriptor (an eventfd) turns readable when a detection in progress changed; blocklists
-    are diffed at every collect."""
+    descriptor (an eventfd) turns readable when a source was touched.
 
-    def __init__(self, engine: IpsEngine, name: str, blocks: dict[IPAddress, float]) -> None:
+    Every change of a blocklist or of a detection in progress touches its source: detections
+    and operators' blocks here, and the kernel's own blocks (connection limit) through the
+    one NFLOG event each of them logs. So a collection reads only the touched sources' blocks,
+    unless NFLOG events were lost (socket overrun) or many sources were touched: then the
+    whole blocklist is read and diffed (a resync of the blocks)."""
+
+    def __init__(self, engine: IpsEngine, name: str, blocks: dict[IPAddress, float],
+                 overruns: int) -> None:
         self.engine = engine
         self.name = name
         self.blocks = blocks  # source -> deadline on this host's clock, as last collected
+        self.overruns = overruns  # the NFLOG socket's overruns, as last collected
         self.touched: set[IPAddress] = set()
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
@@ -461,6 +471,19 @@ class IpsEngine:
                             "list table")
         return {body["name"] for item in listing for kind, body in item.items()
                 if kind in ("chain", "set", "counter")}
+
+    def _read_block(self, name: str, source: IPAddress) -> Block | None:
+        """One source's block, None if it is not blocked."""
+        rc, output, error = self._text.cmd(
+            f"get element {FAMILY} {TABLE} {block_set(name, source.version)} {{ {source} }}")
+        if rc != 0:
+            if "No such file or directory" in error:
+                return None
+            raise IpsError(f"read the block of {source} for {name}: {' '.join(error.split())}")
+        return next(iter(parse_blocks(str(output))), None)
+
+    def _overruns(self) -> int:
+        return self._nflog.overruns if self._nflog is not None else 0
 
     def _read_blocks(self, name: str) -> list[Block]:
         # One set per call: nft 1.0.6 finds only the first set of a multi-set listing.
@@ -610,7 +633,7 @@ class IpsEngine:
                 now = self.clock()
                 deadlines = {b.source: now + b.expires_ms / 1000
                              for b in self._read_blocks(vm.name)}
-            tracker = IpsTracker(self, vm.name, deadlines)
+            tracker = IpsTracker(self, vm.name, deadlines, self._overruns())
             self._trackers.setdefault(vm.name, []).append(tracker)
             return tracker
 
@@ -621,18 +644,27 @@ class IpsEngine:
             if known is None:
                 return Delta()
             now = self.clock()
-            blocks = {b.source: b for b in self._read_blocks(name)}
+            touched = sorted(tracker.touched, key=str)
+            tracker.touched.clear()
+            overruns = self._overruns()
+            if overruns != tracker.overruns or len(touched) > MAX_TOUCHED_READ:
+                tracker.overruns = overruns
+                blocks = {b.source: b for b in self._read_blocks(name)}
+                gone = tracker.blocks.keys() - blocks.keys()
+            else:
+                found = {s: self._read_block(name, s) for s in touched}
+                blocks = {s: b for s, b in found.items() if b is not None}
+                gone = {s for s, b in found.items() if b is None} & tracker.blocks.keys()
             delta = Delta()
             for source, block in blocks.items():
                 before = tracker.blocks.get(source)
                 if before is None or abs(before - (now + block.expires_ms / 1000)) > \
                         DEADLINE_TOLERANCE:
                     delta.upserts.append(encode_record(name, block))
-            delta.deletes += [encode_key(RecordKey(name, "block", source))
-                              for source in tracker.blocks.keys() - blocks.keys()]
-            tracker.blocks = {s: now + b.expires_ms / 1000 for s, b in blocks.items()}
-            touched = sorted(tracker.touched, key=str)
-            tracker.touched.clear()
+                tracker.blocks[source] = now + block.expires_ms / 1000
+            delta.deletes += [encode_key(RecordKey(name, "block", source)) for source in gone]
+            for source in gone:
+                del tracker.blocks[source]
             states = {s.source: s for s in known.detector.export(now, touched)}
             for source in touched:
                 if source in states:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 
 from nseh.agent.config import Limits
 from nseh.agent.engines import SecurityEngine, VMScope
@@ -61,12 +61,19 @@ SETUP_TIMEOUT = 10.0
 # An active migration that moves no RAM for this long is stalled (e.g. the management link is
 # down; QEMU itself would wait for TCP to give up, many minutes).
 STALL_TIMEOUT = 20.0
+# QEMU answers QMP from its main loop, which its migration thread blocks (holding the big
+# lock) while a write to a dead stream hangs, e.g. the device state after switchover.
+QMP_TIMEOUT = 10.0
 SC_CONNECT_TIMEOUT = 10.0
 COMMIT_CALL_TIMEOUT = 60.0
 
 
 class MigrationFailed(RuntimeError):
     pass
+
+
+class QemuUnresponsive(RuntimeError):
+    """QEMU did not answer a QMP command within QMP_TIMEOUT during the migration."""
 
 
 class SourceMigration:
@@ -189,36 +196,64 @@ class SourceMigration:
             ]})
             with qmp.listener(("MIGRATION",)) as events:
                 await qmp.execute("migrate", {"uri": self.uri})
-                setup_deadline = time.monotonic() + SETUP_TIMEOUT
-                async with asyncio.timeout(TRANSFER_TIMEOUT):
-                    while True:
-                        emitted_at = None
-                        try:
-                            event = await asyncio.wait_for(events.get(), TICK)
-                            status = {"status": event["data"]["status"]}
-                            stamp = event.get("timestamp", {})
-                            emitted_at = stamp.get("seconds", 0) + stamp.get(
-                                "microseconds", 0) / 1e6 or None
-                        except TimeoutError:
-                            status = await self._tick(qmp, setup_deadline)
-                        outcome = qemu_outcome(status)
-                        if outcome == QemuOutcome.PRE_SWITCHOVER:
-                            await self._switchover(qmp, emitted_at)
-                        elif outcome in (QemuOutcome.COMPLETED, QemuOutcome.FAILED):
-                            info = await self._final_figures(qmp)
-                            self.final_info = info
-                            if outcome == QemuOutcome.FAILED:
-                                raise MigrationFailed(
-                                    f"QEMU migration {info.get('status')}: "
-                                    f"{info.get('error-desc', 'no reason given')}")
-                            return
+                try:
+                    async with asyncio.timeout(TRANSFER_TIMEOUT):
+                        await self._follow(qmp, events)
+                except QemuUnresponsive as exc:
+                    # Cutting QEMU's stream fails its migration and frees its main loop.
+                    await self._cut_stream()
+                    raise MigrationFailed(f"{exc}; cut its migration stream") from None
+
+    async def _follow(self, qmp: QMPClient, events: EventListener) -> None:
+        """Follow QEMU's migration to its end, doing the SC's part at each step."""
+        setup_deadline = time.monotonic() + SETUP_TIMEOUT
+        while True:
+            emitted_at = None
+            try:
+                event = await asyncio.wait_for(events.get(), TICK)
+                status = {"status": event["data"]["status"]}
+                stamp = event.get("timestamp", {})
+                emitted_at = stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6 or None
+            except TimeoutError:
+                status = await self._tick(qmp, setup_deadline)
+            outcome = qemu_outcome(status)
+            if outcome == QemuOutcome.PRE_SWITCHOVER:
+                await self._switchover(qmp, emitted_at)
+            elif outcome in (QemuOutcome.COMPLETED, QemuOutcome.FAILED):
+                info = await self._final_figures(qmp)
+                self.final_info = info
+                if outcome == QemuOutcome.FAILED:
+                    raise MigrationFailed(f"QEMU migration {info.get('status')}: "
+                                          f"{info.get('error-desc', 'no reason given')}")
+                return
+
+    async def _cut_stream(self) -> None:
+        """Destroy QEMU's migration connection (sock_diag, via `ss -K`)."""
+        _, _, rest = self.uri.partition(":")
+        address, _, port = rest.rpartition(":")
+        process = await asyncio.create_subprocess_exec(
+            "ss", "-K", "dst", address.strip("[]"), "dport", "=", f":{port}",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        await process.wait()
+        log.warning("migrating %s: QEMU stopped answering; cut its stream to %s", self.vm.name,
+                    self.uri)
+
 
     @staticmethod
-    async def _final_figures(qmp: QMPClient) -> dict[str, Any]:
+    async def _ask(qmp: QMPClient, command: str, arguments: dict[str, Any] | None = None
+                   ) -> Any:
+        """A QMP command during the migration, which QEMU must answer within QMP_TIMEOUT."""
+        try:
+            return await asyncio.wait_for(qmp.execute(command, arguments), QMP_TIMEOUT)
+        except TimeoutError:
+            raise QemuUnresponsive(f"QEMU did not answer {command} within "
+                                   f"{QMP_TIMEOUT:.0f} s") from None
+
+    async def _final_figures(self, qmp: QMPClient) -> dict[str, Any]:
         """QEMU's final `query-migrate`. QEMU announces `completed` before it has computed
         the total time and downtime, so ask again until they are there (briefly)."""
         for _ in range(50):
-            info = await qmp.execute("query-migrate")
+            info = await self._ask(qmp, "query-migrate")
             assert isinstance(info, dict)
             if info.get("status") != "completed" or info.get("total-time"):
                 break
@@ -227,7 +262,7 @@ class SourceMigration:
 
     async def _tick(self, qmp: QMPClient, setup_deadline: float) -> dict[str, Any]:
         """Between QEMU events: progress, the setup deadline, a pre-copy SC round."""
-        info = await qmp.execute("query-migrate")
+        info = await self._ask(qmp, "query-migrate")
         assert isinstance(info, dict)
         if info.get("status") == "setup" and time.monotonic() > setup_deadline:
             raise MigrationFailed(
@@ -255,7 +290,7 @@ class SourceMigration:
         self.run_state.advance()  # TRANSFER -> SWITCHOVER
         await self.sc.send_final()
         await self._drill(Phase.SWITCHOVER)
-        await qmp.execute("migrate-continue", {"state": "pre-switchover"})
+        await self._ask(qmp, "migrate-continue", {"state": "pre-switchover"})
         self._moved = (-1, time.monotonic())  # the pause is not a stall
         if paused_at is not None:
             self.sc.stats.pause_ms = (time.time() - paused_at) * 1000
@@ -273,8 +308,9 @@ class SourceMigration:
                 await self.sc.commit()
 
     async def _handed_over(self) -> bool:
-        with contextlib.suppress(VMError):
-            return (await self.vm.execute("query-migrate")).get("status") == "completed"
+        with contextlib.suppress(VMError, TimeoutError):
+            info = await asyncio.wait_for(self.vm.execute("query-migrate"), QMP_TIMEOUT)
+            return bool(info.get("status") == "completed")
         return False
 
     async def _settle(self) -> None:
