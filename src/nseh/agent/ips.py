@@ -587,8 +587,9 @@ class IpsEngine:
                 self._run_text(element_commands(name, [], [source]),
                                f"unblock {source} for {name}")
                 log.warning("IPS %s: unblocked %s by an operator", name, source)
-            if source in vm.detector.sources():
-                vm.detector.forget(source)
+            tracked = source in vm.detector.sources()
+            vm.detector.forget(source)
+            if present or tracked:
                 for tracker in self._trackers.get(name, []):
                     tracker.touch(source)
             return present
