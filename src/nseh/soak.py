@@ -73,11 +73,11 @@ async def _soak(cluster: Cluster, migrations: int, console: Console) -> dict[str
                       TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("migrations", total=migrations)
             for i in range(migrations):
-                destination = HOSTS[(i + 1) % 2]
+                source, destination = HOSTS[i % 2], HOSTS[(i + 1) % 2]
                 report = await cluster.migrate(DEMO_VM.name, destination, "precopy")
                 reports.append(_figures(report))
                 progress.update(task, advance=1, description=(
-                    f"h{2 - i % 2} -> {destination}: {report['result']}, downtime "
+                    f"{source} -> {destination}: {report['result']}, downtime "
                     f"{report['qemu']['downtime_ms']} ms"))
                 if report["result"] != "migrated":
                     break

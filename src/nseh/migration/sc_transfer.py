@@ -118,9 +118,14 @@ class ScSender:
 
     async def send_bulk(self) -> None:
         """Round 0: every engine's whole state."""
+        started = time.perf_counter()
         snapshots = {e.name: await asyncio.to_thread(e.snapshot, self.scope)
                      for e in self.engines}
+        dumped = time.perf_counter()
         await self._send_round({n: Delta(upserts=s) for n, s in snapshots.items()}, final=False)
+        log.info("SC bulk copy of %s: %d records; snapshot %.0f ms, sent and applied %.0f ms",
+                 self.scope.name, sum(map(len, snapshots.values())),
+                 (dumped - started) * 1000, (time.perf_counter() - dumped) * 1000)
 
     async def send_changes(self) -> int:
         """One pre-copy round of what changed since the last one; returns its size."""
