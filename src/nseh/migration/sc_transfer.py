@@ -50,6 +50,7 @@ SC_MODES = ("none", "stopcopy", "precopy")
 # migration after this long. 100,000 entries are applied in about a second here.
 ACK_TIMEOUT = 30.0
 RECEIVE_TIMEOUT = 600.0
+LOG_ROUNDS_FROM = 1000  # rounds of at least this many records are logged with their timing
 # Entries one incoming migration may create for its VM (the agent's
 # `[limits] sc_entries_per_vm`); the frame limits are the wire's.
 DEFAULT_MAX_SC_ENTRIES = 1_000_000
@@ -263,8 +264,12 @@ async def _install_rounds(channel: Channel, engines: dict[str, SecurityEngine], 
     """Install the rounds of one transfer until COMMIT or ABORT."""
     result = ApplyResult()
     created = dict.fromkeys(engines, 0)  # entries this transfer created here, per engine
+    round_started: float | None = None  # when the round's first batch arrived
+    applying = 0.0  # seconds the round's batches took to apply
     while True:
         message = await channel.receive(RECEIVE_TIMEOUT)
+        if round_started is None:
+            round_started = time.perf_counter()
         match message:
             case Resync(engine=name):
                 await asyncio.to_thread(_engine(engines, name).apply, scope, [], [], True)
@@ -276,8 +281,10 @@ async def _install_rounds(channel: Channel, engines: dict[str, SecurityEngine], 
             case Entries(engine=name, entries=entries):
                 # Checked after the batch: only the engine knows which entries are new here
                 # (an update of a connection sent before must not count again).
+                started = time.perf_counter()
                 applied = await asyncio.to_thread(_engine(engines, name).apply, scope, entries,
                                                   [])
+                applying += time.perf_counter() - started
                 created[name] += applied.created
                 result.merge(applied)
                 if sum(created.values()) > max_entries:
@@ -291,7 +298,11 @@ async def _install_rounds(channel: Channel, engines: dict[str, SecurityEngine], 
                 if result.rejected:
                     log.warning("SC of %s from %s: rejected %d records: %s", scope.name,
                                 channel.peer, result.rejected, "; ".join(result.reasons))
-                result = ApplyResult()
+                if result.applied >= LOG_ROUNDS_FROM:
+                    log.info("SC round %d of %s: %d records in %.0f ms, %.0f ms of it applying",
+                             round_, scope.name, result.applied,
+                             (time.perf_counter() - round_started) * 1000, applying * 1000)
+                result, round_started, applying = ApplyResult(), None, 0.0
             case Commit():
                 log.info("SC of %s committed", scope.name)
                 return
