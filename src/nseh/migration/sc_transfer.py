@@ -51,6 +51,8 @@ SC_MODES = ("none", "stopcopy", "precopy")
 ACK_TIMEOUT = 30.0
 RECEIVE_TIMEOUT = 600.0
 LOG_ROUNDS_FROM = 1000  # rounds of at least this many records are logged with their timing
+STREAM_BATCH_BYTES = 1 << 20  # at most this much SC per ENTRIES/DELETES frame sent
+STREAM_GROUP = 2  # frames per write (and drain) of a big round
 # Entries one incoming migration may create for its VM (the agent's
 # `[limits] sc_entries_per_vm`); the frame limits are the wire's.
 DEFAULT_MAX_SC_ENTRIES = 1_000_000
@@ -171,7 +173,10 @@ class ScSender:
         self.round += 1
         messages: list[Message] = []
         entries = deletes = 0
-        limits = (self.channel.max_frame_bytes, self.channel.max_entries_per_frame)
+        # Batches well below the frame limits: written one by one, a big round streams
+        # (bounded memory here) and the destination applies a batch while the next arrives.
+        limits = (min(self.channel.max_frame_bytes, STREAM_BATCH_BYTES),
+                  self.channel.max_entries_per_frame)
         for engine, delta in deltas.items():
             if delta.resync:
                 self.stats.resyncs += 1
@@ -186,7 +191,14 @@ class ScSender:
             self.stats.bytes += sum(map(len, delta.upserts)) + sum(map(len, delta.deletes))
         messages.append(Final(self.round, entries, deletes) if final
                         else RoundEnd(self.round, entries, deletes))
-        await self.channel.send_many(messages)
+        # Small rounds (the final delta above all) go in one write; big ones stream.
+        group: list[Message] = []
+        for message in messages:
+            group.append(message)
+            if isinstance(message, Entries | Deletes) and len(group) >= STREAM_GROUP:
+                await self.channel.send_many(group)
+                group = []
+        await self.channel.send_many(group)
         self.stats.entries += entries
         self.stats.deletes += deletes
         ack = await self._receive()
