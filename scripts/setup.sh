@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debian_packages=(qemu-system-x86 qemu-utils nftables conntrack iproute2 busybox-static cpio wrk procps iputils-ping)
+debian_packages=(qemu-system-x86 qemu-utils nftables conntrack iproute2 busybox-static cpio wrk procps iputils-ping socat)
 missing=()
 for pkg in "${debian_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
