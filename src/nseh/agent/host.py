@@ -216,8 +216,10 @@ class HostAgent:
                     continue
                 if vm.state == VMState.INCOMING:
                     log.warning("VM %s: its incoming QEMU exited; purging it", vm.name)
-                    with contextlib.suppress(VMError):
+                    try:
                         await self._destroy(vm)
+                    except (VMError, RuntimeError) as exc:  # the watch goes on; next time
+                        log.error("VM %s: purge failed: %s", vm.name, exc)
                 elif vm.state == VMState.RUNNING:
                     log.error("VM %s: its QEMU is gone; marked crashed", vm.name)
                     vm.state = VMState.CRASHED
