@@ -148,8 +148,12 @@ class ScSender:
         else:
             deltas = await asyncio.to_thread(self._collect)
         self.stats.final_delta = sum(len(d) for d in deltas.values())
+        collected = time.perf_counter()
         await self._send_round(deltas, final=True)
         self.stats.stop_window_ms = (time.perf_counter() - started) * 1000
+        log.info("final SC of %s: %d records, collected in %.1f ms, sent and applied in "
+                 "%.1f ms", self.scope.name, self.stats.final_delta,
+                 (collected - started) * 1000, (time.perf_counter() - collected) * 1000)
 
     async def commit(self) -> None:
         await self.channel.send(Commit())
