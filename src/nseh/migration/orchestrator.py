@@ -53,7 +53,9 @@ ABORTABLE_PHASES = (Phase.PREPARE.value, Phase.TRANSFER.value, Phase.SWITCHOVER.
 # copy; during RAM pre-copy; in pre-switchover (VM stopped); after QEMU handed the VM over.
 HOLDABLE_PHASES = (*ABORTABLE_PHASES, Phase.COMMIT.value)
 
-TICK = 0.2  # between progress reports and pre-copy SC rounds
+# Between progress reports and pre-copy SC rounds: the final delta holds what changed since
+# the last round, so a short tick keeps it small.
+TICK = 0.05
 TRANSFER_TIMEOUT = 600.0
 # QEMU has no connect timeout: a destination that never accepts leaves it in "setup" for
 # minutes (TCP SYN retries). Give up much sooner.
