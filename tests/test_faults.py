@@ -117,7 +117,7 @@ def management_cut(destination: str) -> Iterator[None]:
 class Fault:
     name: str
     inject: Callable[[str, str], None] | None  # (source, destination); None: the link cut
-    # Where web1 must end, per phase: "source" or "destination".
+    # Where web1 must end, per phase: "source", "destination" or "either".
     ends_on: dict[str, str]
 
 
@@ -133,9 +133,11 @@ FAULTS = [
            "commit": "destination"}),
     Fault("management link cut", None,
           {"prepare": "source", "transfer": "source", "switchover": "source",
-           # The lab's agents call each other over unix sockets, so the commit still gets
-           # through; only QEMU's stream and the SC channel use the management link.
-           "commit": "destination"}),
+           # QEMU reports `completed` once its last bytes are in its socket: cut right after,
+           # they may never reach the destination (its QEMU then never runs the VM, and the
+           # source resumes it) or they may (the commit gets through: the lab's agents call
+           # each other over unix sockets). Either way the VM runs on one host.
+           "commit": "either"}),
     Fault("SC channel reset", reset_sc_channel,
           {"prepare": "source", "transfer": "source", "switchover": "destination",
            "commit": "destination"}),
@@ -197,10 +199,13 @@ def test_a_fault_in_any_phase_leaves_the_vm_on_exactly_one_host(web1, fault, pha
             migration.kill()
             migration.wait()
         final = settled_host()
-        time.sleep(3)  # flows that survived echo again; the watcher purges leftovers
+        # Flows that survived echo again (after a long cut, TCP's retransmission backoff
+        # reaches ~13 s); the watcher purges leftovers.
+        time.sleep(3 if fault.inject is not None else 20)
         flows = probe.finish()
-    expected = source if fault.ends_on[phase] == "source" else destination
-    assert final == expected, f"{fault.name} in {phase}: web1 ended on {final}"
+    expected = {"source": {source}, "destination": {destination},
+                "either": {source, destination}}[fault.ends_on[phase]]
+    assert final in expected, f"{fault.name} in {phase}: web1 ended on {final}"
     holds_nothing_of_web1(other(final))
     # After the destination ran the VM, a source that resumes runs an older state of it:
     # its TCP connections cannot be expected to survive that.
@@ -216,9 +221,10 @@ def test_a_fault_in_any_phase_leaves_the_vm_on_exactly_one_host(web1, fault, pha
 
 
 def test_the_hold_drill_checks_its_phase_and_changes_nothing_else(web1):
-    result = nseh("migrate", "web1", "--to", "h2", "--hold-at", "nowhere", check=False)
-    assert result.returncode == 1 and "cannot hold in phase 'nowhere'" in result.stderr
     source = settled_host()
+    result = nseh("migrate", "web1", "--to", other(source), "--hold-at", "nowhere",
+                  check=False)
+    assert result.returncode == 1 and "cannot hold in phase 'nowhere'" in result.stderr
     report = json.loads(nseh("migrate", "web1", "--to", other(source), "--hold-at", "commit",
                              "--hold-seconds", "0", "--json").stdout)
     assert report["result"] == "migrated" and settled_host() == other(source)
