@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nseh import lab
+from nseh.bench.report import stat
 from nseh.cluster import Cluster
 from nseh.demo import DEMO_VM, demo_flows
 from nseh.inventory import Inventory
@@ -100,7 +101,7 @@ async def _soak(cluster: Cluster, migrations: int, console: Console) -> dict[str
         "migrations": len(reports), "planned": migrations, "failed": len(failed),
         "failures": [r["failure"] for r in failed],
         "wall_s": round(time.monotonic() - started),
-        "downtime_ms": _spread([r["downtime_ms"] for r in reports]),
+        "downtime_ms": stat(r["downtime_ms"] for r in reports),
         "flows": flows, "guest_flow_alive": guest_flow_alive, "broken": broken,
         "resources": {"after_warm_up": baseline, "end": final}, "growth": growth,
         "tolerance": TOLERANCE, "grown": grown,
@@ -113,13 +114,6 @@ def _figures(report: dict[str, Any]) -> dict[str, Any]:
             "destination": report["destination"],
             "downtime_ms": report["qemu"]["downtime_ms"],
             "sc_entries": report.get("sc", {}).get("entries")}
-
-
-def _spread(values: list[float | None]) -> dict[str, float] | None:
-    known = sorted(v for v in values if v is not None)
-    if not known:
-        return None
-    return {"min": known[0], "median": known[len(known) // 2], "max": known[-1]}
 
 
 async def _guest(cluster: Cluster, command: str) -> str:
