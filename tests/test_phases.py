@@ -28,6 +28,15 @@ def test_a_successful_run_passes_every_phase_in_order():
         run.advance()
 
 
+def test_pre_switchover_seen_by_event_and_by_poll_switches_over_once():
+    run = new_run()
+    run.advance()  # TRANSFER
+    assert not run.switchover_due(QemuOutcome.IN_PROGRESS)
+    assert run.switchover_due(QemuOutcome.PRE_SWITCHOVER)  # the poll saw it first
+    run.advance()  # SWITCHOVER: the final SC moved, migrate-continue sent
+    assert not run.switchover_due(QemuOutcome.PRE_SWITCHOVER)  # the queued event, later
+
+
 @pytest.mark.parametrize("steps", [0, 1, 2])
 def test_failure_before_the_handover_rolls_back(steps):
     run = new_run()

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from qemu.qmp import EventListener, QMPClient
+from qemu.qmp import EventListener, QMPClient, QMPError
 
 from nseh.agent.config import Limits
 from nseh.agent.engines import SecurityEngine, VMScope
@@ -96,6 +96,7 @@ class SourceMigration:
         self.sc: ScSender | None = None
         self.final_info: dict[str, Any] = {}
         self._moved: tuple[int, float] = (-1, time.monotonic())  # RAM sent, when it changed
+        self._qemu_states: list[tuple[str, float | None]] = []  # QEMU's events: state, stamp
         self.destination_sc_entries: int | None = None
         # Drills: fail on purpose (rollback drill), or pause (fault drill: time to inject a
         # fault), once this phase has done its work.
@@ -130,10 +131,15 @@ class SourceMigration:
             await self._drill(Phase.COMMIT)
             await self._commit()
             self.run_state.advance()
-        except (MigrationFailed, AgentError, VMError, ScError, sc_channel.ChannelError) as exc:
+        except Exception as exc:  # whatever failed, the VM must not be left half-migrated
+            reason = str(exc)
+            if not isinstance(exc, MigrationFailed | AgentError | VMError | ScError
+                              | sc_channel.ChannelError):
+                log.exception("migration of %s: unexpected error", self.vm.name)
+                reason = f"internal error: {type(exc).__name__}: {exc}"
             if self.run_state.phase == Phase.SWITCHOVER and await self._handed_over():
                 self.run_state.advance()  # failed after migrate-continue: settle, not roll back
-            if self.run_state.fail(str(exc)):
+            if self.run_state.fail(reason):
                 await self._rollback()
                 self.run_state.advance()
             elif self.run_state.unsettled:
@@ -192,12 +198,12 @@ class SourceMigration:
         self._phase(f"QEMU pre-copy to {self.uri}")
         pause = self.sc is not None
         async with self.vm.qmp() as qmp:
-            await qmp.execute("migrate-set-capabilities", {"capabilities": [
+            await self._ask(qmp, "migrate-set-capabilities", {"capabilities": [
                 {"capability": "events", "state": True},
                 {"capability": "pause-before-switchover", "state": pause},
             ]})
             with qmp.listener(("MIGRATION",)) as events:
-                await qmp.execute("migrate", {"uri": self.uri})
+                await self._ask(qmp, "migrate", {"uri": self.uri})
                 try:
                     async with asyncio.timeout(TRANSFER_TIMEOUT):
                         await self._follow(qmp, events)
@@ -216,18 +222,28 @@ class SourceMigration:
                 status = {"status": event["data"]["status"]}
                 stamp = event.get("timestamp", {})
                 emitted_at = stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6 or None
+                self._qemu_states.append((status["status"], emitted_at))
             except TimeoutError:
                 status = await self._tick(qmp, setup_deadline)
             outcome = qemu_outcome(status)
-            if outcome == QemuOutcome.PRE_SWITCHOVER:
+            if self.run_state.switchover_due(outcome):
                 await self._switchover(qmp, emitted_at)
             elif outcome in (QemuOutcome.COMPLETED, QemuOutcome.FAILED):
                 info = await self._final_figures(qmp)
                 self.final_info = info
+                self._log_qemu_states()
                 if outcome == QemuOutcome.FAILED:
                     raise MigrationFailed(f"QEMU migration {info.get('status')}: "
                                           f"{info.get('error-desc', 'no reason given')}")
                 return
+
+    def _log_qemu_states(self) -> None:
+        """QEMU's migration states as its events stamped them, each with the time since the
+        one before: where the downtime went (pre-switchover -> device is our pause)."""
+        states = [(name, at) for name, at in self._qemu_states if at is not None]
+        steps = [f"{name} +{(at - states[i - 1][1]) * 1000:.1f} ms" if i else name
+                 for i, (name, at) in enumerate(states)]
+        log.info("migrating %s: QEMU states: %s", self.vm.name, ", ".join(steps))
 
     async def _cut_stream(self) -> None:
         """Destroy QEMU's migration connection (sock_diag, via `ss -K`)."""
@@ -250,6 +266,8 @@ class SourceMigration:
         except TimeoutError:
             raise QemuUnresponsive(f"QEMU did not answer {command} within "
                                    f"{QMP_TIMEOUT:.0f} s") from None
+        except QMPError as exc:
+            raise MigrationFailed(f"QEMU refused {command}: {exc}") from None
 
     async def _final_figures(self, qmp: QMPClient) -> dict[str, Any]:
         """QEMU's final `query-migrate`. QEMU announces `completed` before it has computed

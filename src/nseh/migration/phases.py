@@ -92,6 +92,12 @@ class MigrationRun:
             self.phase = Phase.ROLLBACK  # nothing to purge: the destination has no VM
             self.history.append(self.phase)
 
+    def switchover_due(self, outcome: QemuOutcome) -> bool:
+        """QEMU waits in pre-switchover and the final SC has not been moved yet. QEMU's
+        state is seen twice, by its event and by a poll, in either order: switch over once
+        (a second `migrate-continue` would be refused)."""
+        return outcome == QemuOutcome.PRE_SWITCHOVER and self.phase == Phase.TRANSFER
+
     @property
     def unsettled(self) -> bool:
         """A failed COMMIT not settled yet: the source must keep its copy paused."""
