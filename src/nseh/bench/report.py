@@ -246,19 +246,20 @@ def targets(over: list[dict[str, Any]], microbench: dict[str, Any] | None,
             "figure": "not measured" if figure is None else
             f"median downtime precopy vs none {_ratio_text(figure)}"})
     total_rows = [o for o in over if o["size"] == TOTAL_TARGET_SIZE and o["mode"] == "precopy"]
-    for row in total_rows or [None]:
-        figure = row["total_time_ms"] if row else None
-        met = None if figure is None or figure["ratio"] is None else (
-            figure["ratio"] <= TOTAL_MAX_RATIO)
-        wall = row["wall_ms"] if row else None
-        text = "not measured" if figure is None else (
-            f"median QEMU total time precopy vs none {_ratio_text(figure)}"
-            + (f"; wall time {_ratio_text(wall)}" if wall else ""))
-        verdicts.append({
-            "target": "precopy total time overhead <= +10%",
-            "where": f"{row['workload'] if row else 'any workload'}, "
-                     f"{TOTAL_TARGET_SIZE:,} entries",
-            "met": met, "figure": text})
+    # Judged twice: on QEMU's own total time, and on the whole migration as the operator
+    # waits for it (the SC bulk copy, before QEMU's pre-copy, counts only there).
+    for key, label, what in (("total_time_ms", "QEMU total time", "QEMU's total time"),
+                             ("wall_ms", "wall time", "the whole migration")):
+        for row in total_rows or [None]:
+            figure = row[key] if row else None
+            met = None if figure is None or figure["ratio"] is None else (
+                figure["ratio"] <= TOTAL_MAX_RATIO)
+            verdicts.append({
+                "target": f"precopy {label} overhead <= +10%",
+                "where": f"{row['workload'] if row else 'any workload'}, "
+                         f"{TOTAL_TARGET_SIZE:,} entries ({what})",
+                "met": met, "figure": "not measured" if figure is None else
+                f"median {label} precopy vs none {_ratio_text(figure)}"})
     for ips in ips_over or [None]:
         figure = ips["downtime_ms"] if ips else None
         text = "not measured"

@@ -307,15 +307,20 @@ class SourceMigration:
         """`paused_at`: QEMU's (wall-clock) time stamp of its pre-switchover event, if the
         pause was seen through the event rather than a poll."""
         assert self.sc is not None
+        seen = time.time()
         self.run_state.advance()  # TRANSFER -> SWITCHOVER
         await self.sc.send_final()
         await self._drill(Phase.SWITCHOVER)
+        applied = time.time()
         await self._ask(qmp, "migrate-continue", {"state": "pre-switchover"})
         self._moved = (-1, time.monotonic())  # the pause is not a stall
+        # Where QEMU's pause went: noticing it, the final SC, QEMU taking the continue.
+        timing = f"continue answered in {(time.time() - applied) * 1000:.1f} ms"
         if paused_at is not None:
             self.sc.stats.pause_ms = (time.time() - paused_at) * 1000
+            timing = f"pause seen after {(seen - paused_at) * 1000:.1f} ms, {timing}"
         self._phase(f"final SC ({self.sc.stats.final_delta} records) applied in "
-                    f"{self.sc.stats.stop_window_ms:.1f} ms; QEMU switches over")
+                    f"{self.sc.stats.stop_window_ms:.1f} ms ({timing}); QEMU switches over")
 
     async def _commit(self) -> None:
         self._phase(f"waiting for {self.vm.name} to run on {self.run_state.destination}")

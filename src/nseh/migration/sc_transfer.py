@@ -53,6 +53,9 @@ RECEIVE_TIMEOUT = 600.0
 LOG_ROUNDS_FROM = 1000  # rounds of at least this many records are logged with their timing
 STREAM_BATCH_BYTES = 1 << 20  # at most this much SC per ENTRIES/DELETES frame sent
 STREAM_GROUP = 2  # frames per write (and drain) of a big round
+# Batches up to this size are applied on the event loop: a worker thread's hand-over costs
+# more than such a batch takes (it matters in the stop window, where every record waits).
+INLINE_APPLY_RECORDS = 500
 # Entries one incoming migration may create for its VM (the agent's
 # `[limits] sc_entries_per_vm`); the frame limits are the wire's.
 DEFAULT_MAX_SC_ENTRIES = 1_000_000
@@ -146,7 +149,7 @@ class ScSender:
             deltas = {e.name: Delta(upserts=await asyncio.to_thread(e.snapshot, self.scope))
                       for e in self.engines}
         else:
-            deltas = await asyncio.to_thread(self._collect)
+            deltas = self._collect()  # the last round's worth of changes: quick, and urgent
         self.stats.final_delta = sum(len(d) for d in deltas.values())
         collected = time.perf_counter()
         await self._send_round(deltas, final=True)
@@ -291,15 +294,14 @@ async def _install_rounds(channel: Channel, engines: dict[str, SecurityEngine], 
                 await asyncio.to_thread(_engine(engines, name).apply, scope, [], [], True)
                 created[name] = 0
             case Deletes(engine=name, keys=keys):
-                deleted = await asyncio.to_thread(_engine(engines, name).apply, scope, [], keys)
+                deleted = await _apply(_engine(engines, name), scope, [], keys)
                 created[name] = max(0, created[name] - deleted.deleted)
                 result.merge(deleted)
             case Entries(engine=name, entries=entries):
                 # Checked after the batch: only the engine knows which entries are new here
                 # (an update of a connection sent before must not count again).
                 started = time.perf_counter()
-                applied = await asyncio.to_thread(_engine(engines, name).apply, scope, entries,
-                                                  [])
+                applied = await _apply(_engine(engines, name), scope, entries, [])
                 applying += time.perf_counter() - started
                 created[name] += applied.created
                 result.merge(applied)
@@ -329,6 +331,13 @@ async def _install_rounds(channel: Channel, engines: dict[str, SecurityEngine], 
                 return
             case _:
                 raise ScError(f"unexpected {type(message).__name__} during SC transfer")
+
+
+async def _apply(engine: SecurityEngine, scope: VMScope, upserts: list[bytes],
+                 deletes: list[bytes]) -> ApplyResult:
+    if len(upserts) + len(deletes) <= INLINE_APPLY_RECORDS:
+        return engine.apply(scope, upserts, deletes)
+    return await asyncio.to_thread(engine.apply, scope, upserts, deletes)
 
 
 async def _purge(engines: Iterable[SecurityEngine], scope: VMScope) -> None:
