@@ -244,6 +244,10 @@ class SourceMigration:
         steps = [f"{name} +{(at - states[i - 1][1]) * 1000:.1f} ms" if i else name
                  for i, (name, at) in enumerate(states)]
         log.info("migrating %s: QEMU states: %s", self.vm.name, ", ".join(steps))
+        stamps = dict(states)
+        if self.sc is not None and {"pre-switchover", "device"} <= stamps.keys():
+            # QEMU's own measure of its pause, from the stamps of the events at its two ends.
+            self.sc.stats.pause_ms = (stamps["device"] - stamps["pre-switchover"]) * 1000
 
     async def _cut_stream(self) -> None:
         """Destroy QEMU's migration connection (sock_diag, via `ss -K`)."""
@@ -317,7 +321,6 @@ class SourceMigration:
         # Where QEMU's pause went: noticing it, the final SC, QEMU taking the continue.
         timing = f"continue answered in {(time.time() - applied) * 1000:.1f} ms"
         if paused_at is not None:
-            self.sc.stats.pause_ms = (time.time() - paused_at) * 1000
             timing = f"pause seen after {(seen - paused_at) * 1000:.1f} ms, {timing}"
         self._phase(f"final SC ({self.sc.stats.final_delta} records) applied in "
                     f"{self.sc.stats.stop_window_ms:.1f} ms ({timing}); QEMU switches over")

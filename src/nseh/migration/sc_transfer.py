@@ -80,8 +80,9 @@ class ScStats:
     resyncs: int = 0
     final_delta: int = 0  # records sent inside the stop window
     stop_window_ms: float = 0.0  # SC time inside QEMU's stop window
-    # How long QEMU stayed paused in pre-switchover: from its event to `migrate-continue`,
-    # i.e. stop_window_ms plus the source agent's reaction to the event.
+    # How long QEMU stayed paused in pre-switchover, by the stamps of its own events
+    # (pre-switchover -> device): stop_window_ms plus the source agent's reaction to the
+    # first event and QEMU's to `migrate-continue`.
     pause_ms: float | None = None
     rejected: int = 0
     reasons: list[str] = field(default_factory=list)
