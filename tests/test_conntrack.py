@@ -449,6 +449,19 @@ def test_insert_updates_existing_entries(tables: tuple[Conntrack, Conntrack]) ->
     assert summary["state"] == "CLOSE_WAIT" and summary["timeout"] > 6990
 
 
+def test_an_older_state_of_a_connection_is_skipped_as_stale(
+        tables: tuple[Conntrack, Conntrack]) -> None:
+    source, _ = tables
+    source.insert([make_entry("10.1.0.1", "10.2.0.1", "tcp", 7, 443, mark=MARK_A)])
+    # The same connection as it was during its handshake: no SEEN_REPLY, no ASSURED.
+    handshake = make_entry("10.1.0.1", "10.2.0.1", "tcp", 7, 443, mark=MARK_A,
+                           status=ctnetlink.IPS_CONFIRMED, tcp_state="SYN_SENT")
+    result = source.insert([handshake])
+    assert (result.created, result.updated, result.stale, result.failures) == (0, 0, 1, [])
+    [entry] = source.dump(MARK_A)
+    assert entry_summary(entry)["state"] == "ESTABLISHED"
+
+
 def test_entries_without_state_only_update(tables: tuple[Conntrack, Conntrack]) -> None:
     source, _ = tables
     existing = make_entry("10.1.0.1", "10.2.0.1", "tcp", 1, 443, mark=MARK_A, timeout=100)

@@ -109,6 +109,10 @@ class InsertResult:
 
     created: int = 0
     updated: int = 0
+    # Updates older than the entry here, skipped: the kernel refuses (EBUSY) to clear
+    # SEEN_REPLY or ASSURED, which only an earlier state of the connection lacks, e.g. the
+    # events a migration tracked before its bulk snapshot, replayed after it.
+    stale: int = 0
     failures: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)
 
 
@@ -343,7 +347,9 @@ class Conntrack(_NetlinkSocketOwner):
         result = InsertResult(created=len(entries) - len(failed) - len(update_only),
                               updated=len(existing) - len(update_failed))
         for index, code in sorted({**failed, **update_failed}.items()):
-            if index in update_failed or code != errno.EEXIST:
+            if index in update_failed and code == errno.EBUSY:
+                result.stale += 1
+            elif index in update_failed or code != errno.EEXIST:
                 result.failures.append((index, code, entry_summary(entries[index])))
         return result
 

@@ -67,6 +67,7 @@ class ApplyResult:
     applied: int = 0
     created: int = 0  # of `applied`, records new on this host (the others updated one)
     deleted: int = 0
+    stale: int = 0  # updates older than what this host has, skipped (see InsertResult)
     rejected: int = 0
     reasons: list[str] = field(default_factory=list)
 
@@ -79,6 +80,7 @@ class ApplyResult:
         self.applied += other.applied
         self.created += other.created
         self.deleted += other.deleted
+        self.stale += other.stale
         self.rejected += other.rejected
         self.reasons.extend(other.reasons[: MAX_REASONS - len(self.reasons)])
 
@@ -220,6 +222,7 @@ class FirewallEngine:
                 inserted = ct.insert(upserts, mark=vm.mark)
                 result.applied = inserted.created + inserted.updated
                 result.created = inserted.created
+                result.stale = inserted.stale
                 for _, code, summary in inserted.failures:
                     result.reject(1, f"kernel refused {summary}: error {code}")
         return result

@@ -286,6 +286,7 @@ async def _install_rounds(channel: Channel, engines: dict[str, SecurityEngine], 
     created = dict.fromkeys(engines, 0)  # entries this transfer created here, per engine
     round_started: float | None = None  # when the round's first batch arrived
     applying = 0.0  # seconds the round's batches took to apply
+    stale = 0  # updates older than what was here already, all rounds (see InsertResult)
     while True:
         message = await channel.receive(RECEIVE_TIMEOUT)
         if round_started is None:
@@ -321,9 +322,11 @@ async def _install_rounds(channel: Channel, engines: dict[str, SecurityEngine], 
                     log.info("SC round %d of %s: %d records in %.0f ms, %.0f ms of it applying",
                              round_, scope.name, result.applied,
                              (time.perf_counter() - round_started) * 1000, applying * 1000)
+                stale += result.stale
                 result, round_started, applying = ApplyResult(), None, 0.0
             case Commit():
-                log.info("SC of %s committed", scope.name)
+                log.info("SC of %s committed (%d stale updates skipped: older than the state "
+                         "already here)", scope.name, stale)
                 return
             case Abort(reason=reason):
                 # The VM stays on the source: what arrived here must not linger.
