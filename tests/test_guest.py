@@ -31,6 +31,7 @@ from nseh.agent.qemu import (
     detect_accel,
     qemu_command,
 )
+from nseh.agent.vms import VM, VMState
 from nseh.definition import VMDefinition
 from nseh.guest.console import GuestConsole, GuestConsoleError
 from nseh.guest.image import DEFAULT_CACHE_DIR, GuestImage, ensure_image, kernel_cmdline
@@ -79,6 +80,7 @@ def test_qemu_command_contents() -> None:
     assert "-daemonize" in argv
     assert {"-nodefaults", "-no-user-config"} <= set(argv)
     assert _values(argv, "-pidfile") == [str(run_dir / "qemu.pid")]
+    assert _values(argv, "-D") == [str(run_dir / "qemu.log")]
     assert _values(argv, "-display") == ["none"]
     assert _values(argv, "-machine") == [MACHINE_TYPE]
     assert _values(argv, "-accel") == ["tcg"]
@@ -126,9 +128,9 @@ def test_qemu_command_escapes_commas_and_rejects_long_socket_paths() -> None:
 
 def test_run_files() -> None:
     files = VMRunFiles(Path("/run/x"))
-    assert (files.qmp, files.console, files.guest_socket, files.pidfile) == (
+    assert (files.qmp, files.console, files.guest_socket, files.pidfile, files.log) == (
         Path("/run/x/qmp.sock"), Path("/run/x/console.log"), Path("/run/x/guest.sock"),
-        Path("/run/x/qemu.pid"))
+        Path("/run/x/qemu.pid"), Path("/run/x/qemu.log"))
 
 
 def test_detect_accel(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -451,6 +453,32 @@ async def _migrate(qmp_socket: Path, uri: str) -> None:
 
 
 @pytest.mark.lab
+def test_a_daemonized_qemu_logs_why_an_incoming_migration_failed(
+        vm: BootedVM, image: GuestImage, tmp_path: Path) -> None:
+    tap = "nsehtest-gtap4"
+    record = VM(definition=MIGRATING, mark=1, state=VMState.INCOMING, record_dir=tmp_path,
+                accel="tcg")
+    files = record.files
+    files.run_dir.mkdir()
+    stream = tmp_path / "migration.sock"
+    try:
+        _ip("-n", HOST_NS, "tuntap", "add", tap, "mode", "tap")
+        _start_qemu(image, MIGRATING, tap, files, incoming=f"unix:{stream}")
+        pid = int(files.pidfile.read_text())
+        with socket.socket(socket.AF_UNIX) as peer:
+            peer.connect(str(stream))
+            peer.sendall(b"not a migration stream" * 100)
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{pid}").exists():
+            assert time.monotonic() < deadline, "QEMU did not give up on the bad stream"
+            time.sleep(0.05)
+        assert "load of migration failed" in record.qemu_said()
+    finally:
+        _stop_qemu(files)
+        subprocess.run(["ip", "-n", HOST_NS, "link", "delete", tap], capture_output=True,
+                       check=False)
+
+
 def test_console_keeps_working_after_live_migration(vm: BootedVM, image: GuestImage,
                                                     tmp_path: Path) -> None:
     taps = ("nsehtest-gtap2", "nsehtest-gtap3")

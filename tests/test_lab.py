@@ -247,6 +247,22 @@ def test_down_removes_everything_and_kills_what_runs(clean: None, tmp_path: Path
 
 
 @pytest.mark.lab
+def test_a_killed_soak_removes_its_lab(clean: None) -> None:
+    """`kill` (SIGTERM) of a command that builds its own lab leaves nothing behind."""
+    nseh = str(Path(sys.executable).parent / "nseh")
+    soak = subprocess.Popen([nseh, "soak", "--migrations", "50"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: processes.lab_qemu_pids() != [], timeout=180)  # mid-run
+        soak.terminate()
+        assert soak.wait(timeout=120) != 0
+        assert_lab_gone()
+    finally:
+        soak.kill()
+        soak.wait()
+
+
+@pytest.mark.lab
 def test_down_cleans_a_half_made_lab(clean: None) -> None:
     # As a killed `up` leaves it: some namespaces, a process in one, no lab.json.
     for namespace in ("nseh-fabric", "nseh-h1"):

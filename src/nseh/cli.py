@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -58,6 +59,14 @@ InventoryOption = Annotated[
 def fail(message: str) -> NoReturn:
     err.print(f"[bold red]nseh: error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+def tidy_up_on_sigterm() -> None:
+    """`kill` gets the clean-up Ctrl-C gets (lab down, QEMU stopped) in the commands that
+    build a lab of their own: a default SIGTERM ends the process without their `finally`."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -509,6 +518,7 @@ def bench(
         fail(str(exc))
     if os.geteuid() != 0:
         fail("nseh bench needs root (it builds the lab: namespaces, QEMU, nftables)")
+    tidy_up_on_sigterm()
     try:
         out_path, summary = run_bench(config, err)
     except (BenchError, lab.LabError, AgentError) as exc:
@@ -533,6 +543,7 @@ def soak(
     and memory). Exit status 1 if anything did."""
     from nseh.soak import SoakError, run_soak
 
+    tidy_up_on_sigterm()
     try:
         result = run_soak(migrations, err if as_json else out)
     except SoakError as exc:
@@ -555,6 +566,7 @@ def demo(as_json: JsonOption = False) -> None:
     """Lab up, a VM behind a strict firewall, live connections, a migration, lab down."""
     from nseh.demo import run_demo
 
+    tidy_up_on_sigterm()
     result = run_demo(out if not as_json else err)
     if as_json:
         print_json(result)

@@ -215,13 +215,15 @@ class HostAgent:
                 if not vm.launched or vm.pid() is not None:
                     continue
                 if vm.state == VMState.INCOMING:
-                    log.warning("VM %s: its incoming QEMU exited; purging it", vm.name)
+                    log.warning("VM %s: its incoming QEMU exited (it said: %s); purging it",
+                                vm.name, vm.qemu_said() or "nothing")
                     try:
                         await self._destroy(vm)
                     except (VMError, RuntimeError) as exc:  # the watch goes on; next time
                         log.error("VM %s: purge failed: %s", vm.name, exc)
                 elif vm.state == VMState.RUNNING:
-                    log.error("VM %s: its QEMU is gone; marked crashed", vm.name)
+                    log.error("VM %s: its QEMU is gone (it said: %s); marked crashed", vm.name,
+                              vm.qemu_said() or "nothing")
                     vm.state = VMState.CRASHED
                     vm.save()
 
@@ -561,16 +563,23 @@ class HostAgent:
             return vm.describe(self.host) | {"sc_entries": entries}
         if vm.state != VMState.INCOMING:
             raise ApiError("busy", f"VM {vm.name} is {vm.state}, not incoming")
-        status = "unknown"
-        with contextlib.suppress(TimeoutError, VMError):
+        status, problem = "unknown", ""
+        try:
             async with asyncio.timeout(COMMIT_TIMEOUT):
                 while (status := await vm.run_status()) != "running":
                     await asyncio.sleep(0.02)
+        except TimeoutError:
+            problem = f"still {status} after {COMMIT_TIMEOUT:.0f} s"
+        except VMError as exc:
+            problem = str(exc)
         if status != "running":
+            if said := vm.qemu_said():
+                problem += f"; QEMU said: {said}"
             await self._destroy(vm)
-            raise ApiError("commit-failed", f"VM {vm.name} is {status} on {self.host}, "
-                                            f"not running, after {COMMIT_TIMEOUT:.0f} s; "
-                                            f"purged it there")
+            log.error("VM %s does not run here after its migration (%s); purged it",
+                      vm.name, problem)
+            raise ApiError("commit-failed", f"VM {vm.name} does not run on {self.host} "
+                                            f"({problem}); purged it there")
         try:
             # First: until the address moves, clients' packets to it reach the source.
             await self._claim_floating(vm)

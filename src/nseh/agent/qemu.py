@@ -46,6 +46,12 @@ class VMRunFiles:
         return self.run_dir / "guest.sock"
 
     @property
+    def log(self) -> Path:
+        """QEMU's own messages (`-D`: a daemonized QEMU writes its errors there, e.g. why an
+        incoming migration failed to load, instead of to /dev/null)."""
+        return self.run_dir / "qemu.log"
+
+    @property
     def pidfile(self) -> Path:
         """PID of the daemonized QEMU."""
         return self.run_dir / "qemu.pid"
@@ -87,7 +93,7 @@ def qemu_command(*, image: GuestImage, definition: VMDefinition, tap: str, run_d
     argv = [
         QEMU_BINARY,
         "-name", f"guest={_opt(definition.name)},process=nseh-{definition.name}",
-        "-daemonize", "-pidfile", str(files.pidfile),
+        "-daemonize", "-pidfile", str(files.pidfile), "-D", str(files.log),
         "-nodefaults", "-no-user-config", "-display", "none",
         # A guest that panics or reboots stops instead of looping (init.sh is PID 1).
         "-no-reboot",

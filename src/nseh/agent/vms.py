@@ -143,6 +143,14 @@ class VM:
             except QMPError as exc:
                 raise VMError(f"QMP {command} on {self.name} failed: {exc}") from None
 
+    def qemu_said(self, lines: int = 3) -> str:
+        """The last lines QEMU logged (its errors), joined in one line; empty if none."""
+        try:
+            text = self.files.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return " / ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
     async def run_status(self) -> str:
         """QEMU's run state (running, paused, inmigrate, postmigrate, ...)."""
         status = await self.execute("query-status")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from nseh.cluster import Cluster
 from nseh.definition import IpsPolicy, PortScan
 from nseh.demo import DEMO_VM, with_ips
 from nseh.inventory import Inventory
+from nseh.lab import layout
 from nseh.lab.layout import namespace_of
 from nseh.lab.probe import Probe
 
@@ -48,6 +50,7 @@ HTTP_WARMUP = 1.0
 SETTLE = 3.0
 MICROBENCH_TIMEOUT = 900
 GUEST_TIMEOUT, GUEST_ATTEMPTS = 20, 2  # the guest commands take well under a second
+PROBE_ATTEMPTS, PROBE_RETRY_AFTER = 3, 5.0
 # --ips-blocks: the VM's intrusion prevention (no workload scans it), and how long the
 # blocks the benchmark adds last: longer than any run, so none expires during it.
 BENCH_IPS = IpsPolicy(portscan=PortScan(ports=10, seconds=30))
@@ -88,6 +91,7 @@ def run_bench(config: BenchConfig, console: Console) -> tuple[Path, dict[str, An
         except (BenchError, AgentError) as exc:
             stopped = str(exc)
     finally:
+        keep_agent_logs(out)
         with console.status("removing the lab"):
             lab.down()
     info.update(started_utc=started_utc, wall_s=round(time.monotonic() - started),
@@ -102,6 +106,16 @@ def run_bench(config: BenchConfig, console: Console) -> tuple[Path, dict[str, An
         raise BenchError(f"{stopped}; stopped after {len(samples)} migrations, "
                          f"results so far in {out}")
     return out, summary
+
+
+def keep_agent_logs(out: Path) -> None:
+    """The agents' logs go with the results (what each migration did, and why one failed):
+    `lab down` removes them."""
+    for host in HOSTS:
+        log_file = layout.agent_log_path(host)
+        if log_file.exists():
+            (out / "agent-logs").mkdir(exist_ok=True)
+            shutil.copyfile(log_file, out / "agent-logs" / f"{host}.log")
 
 
 def write_outputs(out: Path, samples: list[Sample], summary: dict[str, Any]) -> None:
@@ -209,6 +223,21 @@ async def top_up_blocks(cluster: Cluster, host: str, count: int) -> int:
     return len(listed["blocks"])
 
 
+async def _ready_probe(host: str) -> Probe:
+    """The probe, its flows all open. A busy guest (the memory workload under TCG, on a
+    QEMU whose code cache is cold after a migration) may miss the first attempt."""
+    assert VM4 is not None and VM6 is not None
+    for attempt in range(1, PROBE_ATTEMPTS + 1):
+        probe = Probe(namespace_of(PROBE_CLIENT), probe_flow_args(VM4, VM6))
+        if await asyncio.to_thread(probe.wait_ready):
+            return probe
+        probe.kill()
+        if attempt < PROBE_ATTEMPTS:
+            await asyncio.sleep(PROBE_RETRY_AFTER)
+    raise BenchError(f"the probe's flows could not reach {VM.name} on {host} "
+                     f"({PROBE_ATTEMPTS} attempts)")
+
+
 async def measure(cluster: Cluster, item: PlannedMigration, clear: int,
                   ips_blocks: int | None = None) -> Sample:
     """One migration of the VM to the other host under the item's workload and SC size
@@ -220,11 +249,9 @@ async def measure(cluster: Cluster, item: PlannedMigration, clear: int,
                     started_utc=datetime.now(UTC).isoformat(timespec="milliseconds"),
                     result="failed")
     assert VM4 is not None and VM6 is not None
-    probe = Probe(namespace_of(PROBE_CLIENT), probe_flow_args(VM4, VM6))
+    probe = await _ready_probe(source)
     http: HttpLoad | None = None
     try:
-        if not await asyncio.to_thread(probe.wait_ready):
-            raise BenchError(f"the probe's flows could not reach {VM.name} on {source}")
         if item.workload == "http":
             http = HttpLoad(f"http://{VM4}/")
             await asyncio.sleep(HTTP_WARMUP)
