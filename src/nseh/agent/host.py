@@ -563,16 +563,7 @@ class HostAgent:
             return vm.describe(self.host) | {"sc_entries": entries}
         if vm.state != VMState.INCOMING:
             raise ApiError("busy", f"VM {vm.name} is {vm.state}, not incoming")
-        status, problem = "unknown", ""
-        try:
-            async with asyncio.timeout(COMMIT_TIMEOUT):
-                while (status := await vm.run_status()) != "running":
-                    await asyncio.sleep(0.02)
-        except TimeoutError:
-            problem = f"still {status} after {COMMIT_TIMEOUT:.0f} s"
-        except VMError as exc:
-            problem = str(exc)
-        if status != "running":
+        if problem := await vm.wait_running(COMMIT_TIMEOUT):
             if said := vm.qemu_said():
                 problem += f"; QEMU said: {said}"
             await self._destroy(vm)

@@ -156,6 +156,30 @@ class VM:
         status = await self.execute("query-status")
         return str(status["status"])
 
+    async def wait_running(self, timeout: float) -> str | None:
+        """Wait until QEMU runs the VM: None once it does, else why not (one line). One QMP
+        session is polled; a session that fails while QEMU lives is opened again (QEMU
+        takes one client at a time, and a connection refused in its hand-over between
+        two clients is no sign that the VM does not run)."""
+        problem = "no answer"
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        async with self.qmp() as client:
+                            while (status := (await client.execute("query-status"))["status"]
+                                   ) != "running":
+                                problem = f"QEMU's run state is {status}"
+                                await asyncio.sleep(0.02)
+                            return None
+                    except (VMError, QMPError, EOFError, OSError) as exc:
+                        problem = str(exc) or type(exc).__name__
+                        if self.pid() is None:
+                            return f"QEMU exited ({problem})"
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            return f"{problem}, after {timeout:.0f} s"
+
     async def resume(self) -> bool:
         """Make the VM run again here after a migration that did not happen (QEMU leaves a
         cancelled or migrated-away VM paused). False if it does not run within 5 s."""

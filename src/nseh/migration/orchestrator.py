@@ -202,7 +202,7 @@ class SourceMigration:
                 {"capability": "events", "state": True},
                 {"capability": "pause-before-switchover", "state": pause},
             ]})
-            with qmp.listener(("MIGRATION",)) as events:
+            with qmp.listener(("MIGRATION", "STOP")) as events:
                 await self._ask(qmp, "migrate", {"uri": self.uri})
                 try:
                     async with asyncio.timeout(TRANSFER_TIMEOUT):
@@ -219,9 +219,12 @@ class SourceMigration:
             emitted_at = None
             try:
                 event = await asyncio.wait_for(events.get(), TICK)
-                status = {"status": event["data"]["status"]}
                 stamp = event.get("timestamp", {})
                 emitted_at = stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6 or None
+                if event["event"] == "STOP":  # QEMU stopped the VM: its downtime starts
+                    self._qemu_states.append(("VM stopped", emitted_at))
+                    continue
+                status = {"status": event["data"]["status"]}
                 self._qemu_states.append((status["status"], emitted_at))
             except TimeoutError:
                 status = await self._tick(qmp, setup_deadline)
@@ -238,8 +241,9 @@ class SourceMigration:
                 return
 
     def _log_qemu_states(self) -> None:
-        """QEMU's migration states as its events stamped them, each with the time since the
-        one before: where the downtime went (pre-switchover -> device is our pause)."""
+        """QEMU's migration states (and the VM's stop) as its events stamped them, each with
+        the time since the one before: where the downtime went (VM stopped -> completed;
+        pre-switchover -> device is the SC's pause)."""
         states = [(name, at) for name, at in self._qemu_states if at is not None]
         steps = [f"{name} +{(at - states[i - 1][1]) * 1000:.1f} ms" if i else name
                  for i, (name, at) in enumerate(states)]
