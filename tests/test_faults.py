@@ -221,6 +221,7 @@ def check_cut_at_commit(report: dict | None, source: str, destination: str,
     # The cut is on the management network; the command and the agents talk over unix
     # sockets: the report always comes, and the destination always answers the commit.
     assert report is not None, "the migration printed no report"
+    print(f"management link cut at commit: {report['result']}, web1 on {final}")
     if report["result"] == "migrated":  # QEMU's last bytes got through before the cut
         assert final == destination, report
         return
