@@ -18,7 +18,6 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -586,13 +585,10 @@ def test_copy_of_100000_entries(tables: tuple[Conntrack, Conntrack]) -> None:
     entries = [make_entry(f"10.3.{i >> 14}.1", "10.4.0.1", "tcp", 1024 + (i & 0x3FFF), 443,
                           mark=MARK_A, timeout=3600) for i in range(100_000)]
     assert source.insert(entries).created == 100_000
-    started = time.perf_counter()
-    dumped = source.dump(MARK_A)
-    result = destination.insert(dumped, mark=MARK_NEW)
-    elapsed = time.perf_counter() - started
+    # How fast: the micro-benchmark's question (`nseh bench`, nseh.agent.ctbench), not this test's.
+    result = destination.insert(source.dump(MARK_A), mark=MARK_NEW)
     assert (result.created, result.failures) == (100_000, [])
     assert destination.count(MARK_NEW) == len(cli_entries(NS2, MARK_NEW)) == 100_000
-    assert elapsed < 5, f"moving 100,000 entries took {elapsed:.1f} s"
 
 
 # ---------------------------------------------------------------------------------------------

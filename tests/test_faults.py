@@ -26,7 +26,8 @@ import pytest
 from labtools import EXAMPLE_VM, NSEH, nseh, nseh_json
 
 from nseh import lab
-from nseh.lab import layout
+from nseh.agent.network import tap_name
+from nseh.lab import layout, processes
 from nseh.lab.probe import Probe
 from nseh.lab.processes import pid_alive
 
@@ -119,12 +120,15 @@ class Fault:
     inject: Callable[[str, str], None] | None  # (source, destination); None: the link cut
     # Where web1 must end, per phase: "source", "destination" or "either".
     ends_on: dict[str, str]
+    # Phases after which the destination has run the VM when the source resumes its own,
+    # older copy: the VM's TCP connections cannot be expected to survive that.
+    resumes_older_state: tuple[str, ...] = ()
 
 
 FAULTS = [
     Fault("destination QEMU killed", kill_destination_qemu,
           {"prepare": "source", "transfer": "source", "switchover": "source",
-           "commit": "source"}),
+           "commit": "source"}, resumes_older_state=("commit",)),
     Fault("destination agent killed and restarted", restart_destination_agent,
           {"prepare": "source", "transfer": "source", "switchover": "destination",
            "commit": "destination"}),
@@ -136,7 +140,8 @@ FAULTS = [
            # QEMU reports `completed` once its last bytes are in its socket: cut right after,
            # they may never reach the destination (its QEMU then never runs the VM, and the
            # source resumes it) or they may (the commit gets through: the lab's agents call
-           # each other over unix sockets). Either way the VM runs on one host.
+           # each other over unix sockets). Which one happened is checked against the
+           # migration's report (check_cut_at_commit).
            "commit": "either"}),
     Fault("SC channel reset", reset_sc_channel,
           {"prepare": "source", "transfer": "source", "switchover": "destination",
@@ -162,21 +167,70 @@ def wait_for_hold(migration: subprocess.Popen[str]) -> None:
     pytest.fail(f"the migration ended before its hold: {''.join(seen)[-2000:]}")
 
 
+def in_host(host: str, *argv: str) -> str:
+    return subprocess.run(lab.netns_exec_argv(layout.namespace_of(host), list(argv)),
+                          capture_output=True, text=True, check=True).stdout
+
+
 def conntrack_lines(host: str, address: str) -> list[str]:
-    listing = subprocess.run(lab.netns_exec_argv(layout.namespace_of(host),
-                                                 ["conntrack", "-L"]),
-                             capture_output=True, text=True).stdout
+    family = "ipv6" if ":" in address else "ipv4"
+    listing = in_host(host, "conntrack", "-L", "-f", family)
     return [line for line in listing.splitlines() if f"={address} " in line]
+
+
+def qemu_pids(host: str) -> set[int]:
+    """The lab's QEMU processes running in `host`'s namespace (web1 is this module's only
+    VM)."""
+    return (set(processes.lab_qemu_pids())
+            & set(processes.namespace_pids([layout.namespace_of(host)])))
+
+
+def runs_web1(host: str) -> None:
+    assert len(qemu_pids(host)) == 1, qemu_pids(host)
+    assert in_host(host, "ip", "-br", "link", "show", tap_name("web1")).strip()
 
 
 def holds_nothing_of_web1(host: str) -> None:
     assert "web1" not in nseh_json("host", "info", host)["vms"]
+    assert not qemu_pids(host), qemu_pids(host)
+    assert tap_name("web1") not in in_host(host, "ip", "-br", "link", "show")
     assert not any("web1" in name for name in nseh_json("host", "counters", host))
-    assert not conntrack_lines(host, VM4), conntrack_lines(host, VM4)
-    addresses = subprocess.run(["ip", "-n", layout.namespace_of(host), "-4", "addr", "show",
-                                layout.HOST_PUBLIC_LINK], capture_output=True, text=True,
-                               check=True).stdout
+    assert "web1" not in in_host(host, "nft", "list", "ruleset")
+    for address in (VM4, VM6):
+        assert not conntrack_lines(host, address), conntrack_lines(host, address)
+    addresses = in_host(host, "ip", "-4", "addr", "show", layout.HOST_PUBLIC_LINK)
     assert FLOATING4 not in addresses
+
+
+def check_report(report: dict | None, source: str, final: str) -> None:
+    """The migration's report, when its command could print one (a killed source agent
+    takes the command's connection with it), agrees with where web1 ended."""
+    if report is None:
+        return
+    if report["result"] == "migrated":
+        assert final == report["destination"] and report["failure"] is None, report
+    elif report["result"] == "failed":
+        assert final == source and report["failure"], report
+    else:  # unsettled: the source agent settles it later, either way (settled_host)
+        assert report["result"] == "unsettled" and report["failure"], report
+
+
+def check_cut_at_commit(report: dict | None, source: str, destination: str,
+                        final: str) -> None:
+    """Either end is legal; the report says which one happened, and why."""
+    # The cut is on the management network; the command and the agents talk over unix
+    # sockets: the report always comes, and the destination always answers the commit.
+    assert report is not None, "the migration printed no report"
+    print(f"management link cut at commit: {report['result']}, web1 on {final}")
+    if report["result"] == "migrated":  # QEMU's last bytes got through before the cut
+        assert final == destination, report
+        return
+    # They did not: the destination's QEMU never ran the VM; the destination purged it and
+    # refused the commit, so the source resumed its copy — the newest state there is.
+    assert report["result"] == "failed" and final == source, report
+    failure = report["failure"]
+    assert failure.startswith("commit: "), report
+    assert f"does not run on {destination}" in failure and "purged it there" in failure, report
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -191,13 +245,14 @@ def test_a_fault_in_any_phase_leaves_the_vm_on_exactly_one_host(web1, fault, pha
             wait_for_hold(migration)
             if fault.inject is not None:
                 fault.inject(source, destination)
-                migration.wait(timeout=120)
+                output, _ = migration.communicate(timeout=120)
             else:
                 with management_cut(destination):
-                    migration.wait(timeout=120)
+                    output, _ = migration.communicate(timeout=120)
         finally:
             migration.kill()
             migration.wait()
+        report = json.loads(output) if output.strip() else None
         final = settled_host()
         # Flows that survived echo again: after a cut of ~25 s (the VM stopped meanwhile, at
         # switchover) TCP's next retransmission can come ~50 s after the first loss. The
@@ -207,12 +262,14 @@ def test_a_fault_in_any_phase_leaves_the_vm_on_exactly_one_host(web1, fault, pha
     expected = {"source": {source}, "destination": {destination},
                 "either": {source, destination}}[fault.ends_on[phase]]
     assert final in expected, f"{fault.name} in {phase}: web1 ended on {final}"
+    check_report(report, source, final)
+    if fault.inject is None and phase == "commit":
+        check_cut_at_commit(report, source, destination, final)
+    runs_web1(final)
     holds_nothing_of_web1(other(final))
-    # After the destination ran the VM, a source that resumes runs an older state of it:
-    # its TCP connections cannot be expected to survive that.
-    rolled_back_after_handover = phase == "commit" and final == source
+    older_state = phase in fault.resumes_older_state and final == source
     for flow in flows:
-        if not (rolled_back_after_handover and flow["kind"] == "tcp"):
+        if not (older_state and flow["kind"] == "tcp"):
             assert flow["alive"], (fault.name, phase, flow)
     # A retried migration succeeds and leaves nothing behind.
     report = nseh_json("migrate", "web1", "--to", other(final))

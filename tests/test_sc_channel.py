@@ -576,25 +576,14 @@ def test_100k_entries_cross_the_channel(cluster):
             received.extend(message.entries)
         await channel.send(RoundAck(message.round, len(received), 0, 0))
 
-    async def main() -> float:
+    async def main() -> None:
         async with (serving(cluster.h2, Recorder(destination)) as port,
                     await connect("127.0.0.1", port, cluster.h1, "h2", 5) as channel):
-            start = time.perf_counter()
             await channel.send_many([Entries("firewall", 1, batch)
                                      for batch in batch_entries(entries)])
             await channel.send(RoundEnd(1, len(entries), 0))
             ack = await channel.receive(timeout=30)
-            elapsed = time.perf_counter() - start
         assert ack == RoundAck(1, 100_000, 0, 0)
-        return elapsed
 
-    elapsed = 0.0
-
-    async def timed() -> None:
-        nonlocal elapsed
-        elapsed = await main()
-
-    run(timed())
+    run(main())  # how fast: the benchmark's question (`nseh bench`), not this test's
     assert received == entries
-    print(f"100,000 x 200-byte entries over TLS on loopback, send to ack: {elapsed:.3f} s")
-    assert elapsed < 5

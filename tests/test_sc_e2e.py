@@ -26,7 +26,7 @@ from labtools import (
 from nseh import lab
 from nseh.cluster import Cluster
 from nseh.inventory import Inventory
-from nseh.lab.probe import Probe
+from nseh.lab.probe import STALL_LIMIT, Probe
 
 pytestmark = pytest.mark.lab
 
@@ -81,7 +81,7 @@ def test_precopy_keeps_every_flow_alive_there_and_back(web1, client_echo_server)
     assert sorted(f["target"] for f in flows) == sorted(FLOWS[1::2])
     for flow in flows:
         assert flow["alive"] and flow["error"] is None, flow
-        assert flow["longest_gap_ms"] < 2000, flow
+        assert flow["longest_gap_ms"] < STALL_LIMIT * 1000, flow  # never counted broken
     for report in (there, back):
         sc = report["sc"]
         # Client flows (tcp v4, tcp v6, udp, ping, tcp to the floating address) and the
@@ -141,8 +141,9 @@ def test_forbidden_ports_stay_closed_on_both_hosts_during_migration(web1):
         finally:
             stop.set()
             knocker.join()
-        probe.finish()
+        flows = probe.finish()
     assert results and set(results) == {"timeout"}, set(results)
+    assert all(f["alive"] for f in flows), flows
 
 
 def test_without_sc_strict_tcp_flows_break(web1, client_echo_server):
@@ -155,8 +156,11 @@ def test_without_sc_strict_tcp_flows_break(web1, client_echo_server):
         guest_alive = guest_flow_alive()
         flows = probe.finish()
     assert "sc" not in report
-    by_kind = {f["target"]: f for f in flows if f["kind"] == "tcp"}
-    assert not any(f["alive"] for f in by_kind.values()), flows
+    tcp = [f for f in flows if f["kind"] == "tcp"]
+    assert len(tcp) == 3 and not any(f["alive"] for f in tcp), flows
+    # The VM itself runs and answers on h2: its UDP and ping flows come back as new flows
+    # (the policy admits them), so the TCP flows broke for want of their conntrack state.
+    assert all(f["alive"] for f in flows if f["kind"] != "tcp"), flows
     assert not guest_alive, "the VM's outbound TCP flow survived without its SC"
     migrate("h1", "precopy")
 

@@ -26,7 +26,7 @@ from nseh.cluster import Cluster
 from nseh.demo import DEMO_VM, demo_flows
 from nseh.inventory import Inventory
 from nseh.lab.echo import EchoServer
-from nseh.lab.probe import Probe
+from nseh.lab.probe import Probe, ProbeError
 
 HOSTS = ("h1", "h2")
 CLIENT = 1
@@ -88,7 +88,10 @@ async def _soak(cluster: Cluster, migrations: int, console: Console) -> dict[str
         await asyncio.sleep(2)
         guest_flow_alive = await _guest_echoes(cluster) > echoes_before
         final = await _resources(cluster)
-        flows = await asyncio.to_thread(probe.finish)
+        try:
+            flows = await asyncio.to_thread(probe.finish)
+        except ProbeError as exc:
+            raise SoakError(str(exc)) from None
     growth = {host: {key: final[host][key] - baseline[host][key] for key in TOLERANCE}
               for host in HOSTS} if baseline else {}
     grown = [f"{host} {key} +{value:g}" for host, figures in growth.items()

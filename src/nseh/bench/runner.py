@@ -38,7 +38,7 @@ from nseh.demo import DEMO_VM, with_ips
 from nseh.inventory import Inventory
 from nseh.lab import layout
 from nseh.lab.layout import namespace_of
-from nseh.lab.probe import Probe
+from nseh.lab.probe import Probe, ProbeError
 
 VM = DEMO_VM
 VM4 = str(VM.network.ipv4.ip) if VM.network.ipv4 else None
@@ -275,7 +275,10 @@ async def measure(cluster: Cluster, item: PlannedMigration, clear: int,
                 _record_http(sample, await asyncio.to_thread(http.finish))
             except RuntimeError as exc:
                 raise BenchError(str(exc)) from None
-        _record_flows(sample, await asyncio.to_thread(probe.finish))
+        try:
+            _record_flows(sample, await asyncio.to_thread(probe.finish))
+        except ProbeError as exc:
+            raise BenchError(str(exc)) from None
     finally:
         probe.kill()
         if http is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import signal
 import socket
@@ -149,14 +150,48 @@ async def run(flows: list[FlowStats], interval: float) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class ProbeError(RuntimeError):
+    """The probe did not report the fate of every flow it was started with; one line."""
+
+
+FLOW_OPTIONS = ("--tcp", "--udp", "--ping")
+
+
+def started_flows(flow_args: list[str]) -> list[tuple[str, str]]:
+    """(kind, target) of each flow that `flow_args` (this module's options) asks for."""
+    return [(option.removeprefix("--"), target)
+            for option, target in itertools.pairwise(flow_args)
+            if option in FLOW_OPTIONS]
+
+
+def check_report(started: list[tuple[str, str]], stdout: str, exit_status: int,
+                 stderr: str) -> list[dict[str, Any]]:
+    """The flows of the probe's closing report; ProbeError unless it names exactly the
+    flows that were started."""
+    tail = " | ".join(stderr.strip().splitlines()[-2:])[-300:] or "nothing"
+    said = f"exit status {exit_status}, stderr: {tail}"
+    lines = stdout.strip().splitlines()
+    try:
+        flows: list[dict[str, Any]] = list(json.loads(lines[-1])["flows"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        raise ProbeError(f"the probe reported no flows ({said})") from None
+    reported = sorted((str(f.get("kind")), str(f.get("target"))) for f in flows)
+    if reported != sorted(started):
+        raise ProbeError(f"the probe reported {len(flows)} flows {reported}, not the "
+                         f"{len(started)} it started {sorted(started)} ({said})")
+    return flows
+
+
 class Probe:
     """Controls this module running inside a client node's namespace."""
 
     def __init__(self, namespace: str, flow_args: list[str]) -> None:
+        self.started = started_flows(flow_args)
         argv = netns_exec_argv(namespace, [sys.executable, "-m", "nseh.lab.probe",
                                                *flow_args])
+        # stderr is only read at the end: the probe writes nothing there unless it fails.
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+                                     stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self) -> bool:
         assert self.proc.stdout is not None
@@ -164,10 +199,14 @@ class Probe:
         return bool(line) and bool(json.loads(line).get("ready"))
 
     def finish(self) -> list[dict[str, Any]]:
-        """Stop the flows and return each one's fate."""
-        output, _ = self.proc.communicate(input="", timeout=30)
-        lines = output.strip().splitlines()
-        return list(json.loads(lines[-1])["flows"]) if lines else []
+        """Stop the flows and return each one's fate; ProbeError if the probe does not
+        report every flow it started."""
+        try:
+            output, errors = self.proc.communicate(input="", timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise ProbeError("the probe did not report within 30 s of being stopped") from None
+        return check_report(self.started, output, self.proc.returncode, errors)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
