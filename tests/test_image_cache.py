@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +58,12 @@ def _start_user(started: list[subprocess.Popen[bytes]], kernel: Path) -> int:
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                                 "-kernel", str(kernel)])
     started.append(process)
+    # Popen returns as the exec begins, before the kernel has set the new command line.
+    cmdline = Path(f"/proc/{process.pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while os.fsencode(kernel) not in cmdline.read_bytes():
+        assert time.monotonic() < deadline, "the process never showed its command line"
+        time.sleep(0.01)
     return process.pid
 
 

@@ -197,6 +197,8 @@ def image_build(cache: CacheOption = DEFAULT_CACHE_DIR, as_json: JsonOption = Fa
             result = build_image(cache, step)
         except GuestImageError as exc:
             fail(str(exc))
+        except OSError as exc:  # e.g. the disk filled up while building
+            fail(f"cannot build the guest image in {cache}: {exc.filename}: {exc.strerror}")
     if as_json:
         print_json({"cache": str(cache), "key": result.key, "kernel": str(result.image.kernel),
                     "initrd": str(result.image.initrd), "built": result.built,

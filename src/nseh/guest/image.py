@@ -365,7 +365,12 @@ def _init_script() -> bytes:
 
 @contextmanager
 def _locked(lock_path: Path, say: Progress | None = None) -> Iterator[None]:
-    with lock_path.open("a") as lock_file:
+    try:
+        lock_file = lock_path.open("a")
+    except OSError as exc:
+        raise GuestImageError(f"cannot lock the guest image cache ({lock_path}): "
+                              f"{exc.strerror}") from None
+    with lock_file:
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
