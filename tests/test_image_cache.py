@@ -1,11 +1,12 @@
-"""The guest image cache without building: which image is current, what the agent is told
-when there is none, what prune removes and keeps. Images here are small stand-in files; the
-real build is tested in test_guest.py and test_first_run.py."""
+"""The guest image cache: which image is current, what the agent is told when there is none,
+what prune removes and keeps. The unit tests use small stand-in images; the lab test prunes
+around a real VM. The build itself is tested in test_guest.py and test_first_run.py."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,14 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from labtools import EXAMPLE_VM, nseh, nseh_json
 
+from nseh import lab
 from nseh.guest.image import (
     CacheContents,
     CachedImage,
     GuestImage,
     GuestImageError,
+    build_image,
     cache_contents,
     current_image,
+    guest_cache_dir,
     plan_prune,
     prune_cache,
 )
@@ -156,9 +161,43 @@ def test_prune_without_a_current_image_removes_nothing(tmp_path: Path) -> None:
 
 def test_cache_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
                                         ) -> None:
-    from nseh.guest.image import DEFAULT_CACHE_DIR, guest_cache_dir
+    from nseh.guest.image import DEFAULT_CACHE_DIR
 
     monkeypatch.delenv("NSEH_GUEST_CACHE", raising=False)
     assert guest_cache_dir() == DEFAULT_CACHE_DIR
     monkeypatch.setenv("NSEH_GUEST_CACHE", os.fspath(tmp_path))
     assert guest_cache_dir() == tmp_path
+
+
+@pytest.mark.lab
+def test_prune_keeps_the_image_a_running_vm_boots_from() -> None:
+    # A cache of its own, seeded with the downloaded packages so nothing is downloaded again.
+    cache = guest_cache_dir().parent / "nsehtest-prune-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    lab.down()  # leftovers of a killed run
+    try:
+        build_image(guest_cache_dir())  # the packages, downloaded at most once
+        shutil.copytree(guest_cache_dir() / "debs", cache / "debs", copy_function=os.link,
+                        ignore=shutil.ignore_patterns("download-*"))
+        lab.up(hosts=1, clients=0, guest_cache=cache)
+        booted = current_image(cache).kernel.parent
+        nseh("vm", "start", "web1", "--host", "h1", "--definition", str(EXAMPLE_VM))
+        # As if a rebuild for newer packages had made another image current.
+        (cache / "current").unlink()
+        _add_image(cache, "newer", ["x_1_amd64.deb"], current=True)
+        shown = nseh_json("image", "show", "--cache", str(cache))
+        (qemu_pid,) = next(i["used_by"] for i in shown["others"] if i["name"] == booted.name)
+        assert "qemu" in Path(f"/proc/{qemu_pid}/cmdline").read_bytes().decode()
+
+        pruned = nseh_json("image", "prune", "--cache", str(cache))
+
+        assert pruned["kept_in_use"] == [{"name": booted.name, "used_by": [qemu_pid]}]
+        assert pruned["removed_images"] == []
+        assert booted.is_dir()
+        nseh("vm", "stop", "web1")
+        pruned = nseh_json("image", "prune", "--cache", str(cache))
+        assert pruned["removed_images"] == [booted.name] and not booted.exists()
+        assert pruned["kept_in_use"] == []
+    finally:
+        lab.down()
+        shutil.rmtree(cache, ignore_errors=True)

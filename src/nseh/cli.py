@@ -270,8 +270,9 @@ def image_prune(cache: CacheOption = DEFAULT_CACHE_DIR, as_json: JsonOption = Fa
                     "kept_in_use": [{"name": i.name, "used_by": list(i.used_by)}
                                     for i in result.kept_in_use]})
         return
-    out.print(f"removed {len(result.removed_images)} images and {len(result.removed_debs)} "
-              f".deb files from {cache}: {result.freed_bytes / 1e6:.1f} MB freed",
+    images, debs = len(result.removed_images), len(result.removed_debs)
+    out.print(f"removed {images} image{'s' * (images != 1)} and {debs} .deb file"
+              f"{'s' * (debs != 1)} from {cache}: {result.freed_bytes / 1e6:.1f} MB freed",
               highlight=False)
     for image in result.kept_in_use:
         out.print(f"kept image {image.name}: in use by process "
