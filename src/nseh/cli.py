@@ -180,8 +180,7 @@ CacheOption = Annotated[Path, typer.Option(
 def image_build(cache: CacheOption = DEFAULT_CACHE_DIR, as_json: JsonOption = False) -> None:
     """Build the guest image (unless built) and make it the one agents boot.
 
-    It is built from the Debian packages apt's lists name now, downloaded from the Debian
-    archive: run it on each host, where the archive is reachable (agents never build it).
+    Needs the Debian archive: run it on each host (agents never build the image).
     """
     from nseh.guest.image import GuestImageError, build_image
 
