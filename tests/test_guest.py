@@ -485,6 +485,7 @@ def test_a_daemonized_qemu_logs_why_an_incoming_migration_failed(
                        check=False)
 
 
+@pytest.mark.lab
 def test_console_keeps_working_after_live_migration(vm: BootedVM, image: GuestImage,
                                                     tmp_path: Path) -> None:
     taps = ("nsehtest-gtap2", "nsehtest-gtap3")
