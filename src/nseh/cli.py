@@ -8,22 +8,32 @@ import json
 import signal
 import sys
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from nseh.api.client import AgentError
 from nseh.cluster import Cluster
 from nseh.definition import DefinitionError, load_definition
+from nseh.guest.image import CACHE_ENV, DEFAULT_CACHE_DIR
 from nseh.inventory import Inventory, InventoryError
 from nseh.sc.pki import PkiError
 
 if TYPE_CHECKING:
+    from nseh.guest.image import CachedImage
     from nseh.lab import LabStatus
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -101,13 +111,17 @@ def show_event(event: dict[str, Any]) -> None:
 @lab_app.command("up")
 def lab_up(hosts: Annotated[int, typer.Option(help="Hypervisor hosts to create.")] = 2,
            clients: Annotated[int, typer.Option(help="Client nodes to create.")] = 1,
+           guest_cache: Annotated[Path, typer.Option(
+               envvar=CACHE_ENV, help="Guest image cache of the lab's agents; the image is "
+                                      "built there first if missing.")] = DEFAULT_CACHE_DIR,
            as_json: JsonOption = False) -> None:
     """Create the lab: hosts (with their agents) and clients joined by a fabric switch."""
     from nseh import lab
 
     try:
-        with err.status(f"creating a lab of {hosts} hosts and {clients} clients"):
-            status = lab.up(hosts=hosts, clients=clients)
+        with err.status(f"creating a lab of {hosts} hosts and {clients} clients") as spinner:
+            status = lab.up(hosts=hosts, clients=clients, guest_cache=guest_cache,
+                            progress=spinner.update)
     except lab.LabError as exc:
         fail(str(exc))
     show_lab(status, as_json)
@@ -151,6 +165,127 @@ def show_lab(status: LabStatus, as_json: bool) -> None:
     for client in status.clients:
         table.add_row(client.name, client.namespace, f"{client.ipv4}, {client.ipv6}", "")
     out.print(table)
+
+
+# -- guest image ------------------------------------------------------------------------
+
+image_app = typer.Typer(help="The guest image VMs boot: Debian's kernel and an initramfs built "
+                             "from Debian packages.", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+CacheOption = Annotated[Path, typer.Option(
+    "--cache", envvar=CACHE_ENV, help="The guest image cache (the agents' `guest_cache`).")]
+
+
+@image_app.command("build")
+def image_build(cache: CacheOption = DEFAULT_CACHE_DIR, as_json: JsonOption = False) -> None:
+    """Build the guest image (unless built) and make it the one agents boot.
+
+    Needs the Debian archive: run it on each host (agents never build the image).
+    """
+    from nseh.guest.image import GuestImageError, build_image
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err, transient=True) as progress:
+        task = progress.add_task("guest image", total=None)
+
+        def step(message: str) -> None:
+            progress.console.print(f"  [dim]image[/] {escape(message)}", highlight=False)
+            progress.update(task, description=message)
+
+        try:
+            result = build_image(cache, step)
+        except GuestImageError as exc:
+            fail(str(exc))
+        except OSError as exc:  # e.g. the disk filled up while building
+            fail(f"cannot build the guest image in {cache}: {exc.filename}: {exc.strerror}")
+    if as_json:
+        print_json({"cache": str(cache), "key": result.key, "kernel": str(result.image.kernel),
+                    "initrd": str(result.image.initrd), "built": result.built,
+                    "downloaded_bytes": result.downloaded_bytes,
+                    "seconds": round(result.seconds, 1)})
+        return
+    fetched = (f"{result.downloaded_bytes / 1e6:.1f} MB downloaded" if result.downloaded_bytes
+               else "packages from the cache")
+    done = f"built in {result.seconds:.1f} s ({fetched})" if result.built else "was built already"
+    out.print(f"guest image {result.key[:24]} {done}; current in {cache}: "
+              f"{result.image.kernel.parent}", highlight=False)
+
+
+@image_app.command("show")
+def image_show(cache: CacheOption = DEFAULT_CACHE_DIR, as_json: JsonOption = False) -> None:
+    """Show the current guest image, the other images in the cache and the cached packages."""
+    from nseh.guest.image import build_command, cache_contents, plan_prune
+
+    contents = cache_contents(cache)
+    current = contents.current
+    unused = plan_prune(contents).debs
+    debs = {"files": len(contents.debs), "bytes": sum(d.stat().st_size for d in contents.debs),
+            "unused_files": len(unused), "unused_bytes": sum(d.stat().st_size for d in unused)}
+    if as_json:
+        print_json({"cache": str(cache), "current": current and image_json(current),
+                    "others": [image_json(i) for i in contents.images if not i.current],
+                    "debs": debs})
+        return
+    if current is None:
+        out.print(f"no current guest image in {cache}: `{build_command(cache)}` builds it",
+                  highlight=False)
+    else:
+        out.print(f"current guest image {current.name}, built {utc(current.built_at)}, "
+                  f"{current.size_bytes / 1e6:.1f} MB: {current.path}", highlight=False)
+        out.print(f"  {len(current.packages)} packages: " + ", ".join(
+            deb.removesuffix(".deb").replace("%3a", ":").replace("_", " ", 1).rsplit("_", 1)[0]
+            for deb in sorted(current.packages.values())), highlight=False)
+        if current.used_by:
+            out.print(f"  in use by process {', '.join(map(str, current.used_by))}")
+    others = [image for image in contents.images if not image.current]
+    if others:
+        table = Table("other image", "built", "MB", "in use by", title=f"images in {cache}")
+        for image in others:
+            table.add_row(image.name, utc(image.built_at), f"{image.size_bytes / 1e6:.1f}",
+                          ", ".join(map(str, image.used_by)) or "-")
+        out.print(table)
+    out.print(f".deb files: {debs['files']} ({debs['bytes'] / 1e6:.1f} MB), "
+              f"{debs['unused_files']} of them ({debs['unused_bytes'] / 1e6:.1f} MB) not used "
+              "by the current image", highlight=False)
+
+
+@image_app.command("prune")
+def image_prune(cache: CacheOption = DEFAULT_CACHE_DIR, as_json: JsonOption = False) -> None:
+    """Remove images but the current one, and the packages it is not built from.
+
+    Images a running process (QEMU) boots from are kept.
+    """
+    from nseh.guest.image import GuestImageError, prune_cache
+
+    try:
+        result = prune_cache(cache)
+    except GuestImageError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot prune {cache}: {exc.filename}: {exc.strerror}")
+    if as_json:
+        print_json({"cache": str(cache), "removed_images": result.removed_images,
+                    "removed_debs": result.removed_debs, "freed_bytes": result.freed_bytes,
+                    "kept_in_use": [{"name": i.name, "used_by": list(i.used_by)}
+                                    for i in result.kept_in_use]})
+        return
+    images, debs = len(result.removed_images), len(result.removed_debs)
+    out.print(f"removed {images} image{'s' * (images != 1)} and {debs} .deb file"
+              f"{'s' * (debs != 1)} from {cache}: {result.freed_bytes / 1e6:.1f} MB freed",
+              highlight=False)
+    for image in result.kept_in_use:
+        out.print(f"kept image {image.name}: in use by process "
+                  f"{', '.join(map(str, image.used_by))}", highlight=False)
+
+
+def image_json(image: CachedImage) -> dict[str, Any]:
+    return {"name": image.name, "path": str(image.path), "key": image.key,
+            "size_bytes": image.size_bytes, "built_at": utc(image.built_at),
+            "packages": image.packages, "used_by": list(image.used_by)}
+
+
+def utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # -- VMs --------------------------------------------------------------------------------

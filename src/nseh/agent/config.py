@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nseh.api.protocol import MAX_MESSAGE_BYTES
 from nseh.definition import DEFAULT_MAX_POLICY_RULES
+from nseh.guest.image import DEFAULT_CACHE_DIR
 from nseh.migration.sc_transfer import DEFAULT_MAX_SC_ENTRIES
 from nseh.oneline import first_validation_error, read_toml
 from nseh.sc.pki import HostCredentials
@@ -63,7 +64,7 @@ class AgentConfig(BaseModel):
     # address cannot run on a host without one.
     public_interface: str | None = None
     accel: Literal["auto", "kvm", "tcg"] = "auto"
-    guest_cache: Path = Path("/var/cache/nseh/guest")
+    guest_cache: Path = DEFAULT_CACHE_DIR  # built by `nseh image build`
     migration_port_base: int = Field(default=49152, ge=1024, le=65000)
     # The SC channel: TLS on management_address:sc_port, certificates from the cluster CA.
     sc_port: int = Field(default=7470, ge=1, le=65535)

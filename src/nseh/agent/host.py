@@ -34,7 +34,7 @@ from nseh.api.client import AgentClient, AgentError
 from nseh.api.server import ApiError, ApiServer, Emit, Handler
 from nseh.definition import DefinitionError, VMDefinition
 from nseh.guest.console import GuestConsoleError
-from nseh.guest.image import GuestImage, ensure_image
+from nseh.guest.image import current_image
 from nseh.migration.orchestrator import (
     ABORTABLE_PHASES,
     HOLDABLE_PHASES,
@@ -67,8 +67,6 @@ class HostAgent:
         self.engines: list[SecurityEngine] = [FirewallEngine(self.firewall), self.ips]
         self.credentials = config.credentials()
         self.vms: dict[str, VM] = {}
-        self._image: GuestImage | None = None
-        self._image_lock = asyncio.Lock()
         # Serializes changes to the set of VMs (names, marks, addresses, ports).
         self._vms_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
@@ -227,13 +225,6 @@ class HostAgent:
                     vm.state = VMState.CRASHED
                     vm.save()
 
-    async def guest_image(self, emit: Emit) -> GuestImage:
-        async with self._image_lock:
-            if self._image is None:
-                emit({"step": "guest-image", "message": "preparing the guest image"})
-                self._image = await asyncio.to_thread(ensure_image, self.config.guest_cache)
-            return self._image
-
     # -- helpers -------------------------------------------------------------------------
 
     def handlers(self) -> dict[str, Handler]:
@@ -333,7 +324,9 @@ class HostAgent:
                       policies: dict[str, Any] | None = None) -> VM:
         """Policy first, then the tap, then QEMU; on any failure, undo all of it.
         `policies` (engine name -> document) come from the source host when migrating."""
-        image = await self.guest_image(emit)
+        # Built beforehand (`nseh image build`, `nseh lab up`): agents may run where the
+        # Debian archive is out of reach, so they never build it.
+        image = current_image(self.config.guest_cache)
         async with self._vms_lock:
             self._check_free(definition)
             vm = VM(definition=definition, mark=self._free_mark(), state=state,

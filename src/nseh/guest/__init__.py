@@ -1,7 +1,13 @@
 """The guest side of nseh: the VM image (kernel + initramfs) and the guest command channel."""
 
 from nseh.guest.console import ExecResult, GuestConsole, GuestConsoleError
-from nseh.guest.image import GuestImage, GuestImageError, ensure_image, kernel_cmdline
+from nseh.guest.image import (
+    GuestImage,
+    GuestImageError,
+    build_image,
+    current_image,
+    kernel_cmdline,
+)
 
 __all__ = [
     "ExecResult",
@@ -9,6 +15,7 @@ __all__ = [
     "GuestConsoleError",
     "GuestImage",
     "GuestImageError",
-    "ensure_image",
+    "build_image",
+    "current_image",
     "kernel_cmdline",
 ]

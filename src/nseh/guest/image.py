@@ -5,11 +5,15 @@ server), the virtio-net modules of the kernel package and the init script `init.
 Everything is downloaded with `apt-get download` into the cache directory and unpacked
 there; the host's /boot and /lib/modules are never used.
 
-Images are cached by the hash of everything that goes in (the packages' file hashes as apt
-reports them, init.sh, this recipe), built in a temporary directory and renamed into place,
-under a file lock so agents starting at once build once. `ensure_image` blocks (about 2 s
-when cached, for apt to resolve the package versions; a few seconds more to build, plus a
-~75 MB download the first time): call it from a thread in async code.
+Building and using are apart. `build_image` (run by `nseh image build` and `nseh lab up`, in
+the root namespace where the Debian archive is reachable) resolves the packages, builds the
+image if the cache lacks it and points the cache's `current` link at it. Agents run where
+the archive may be out of reach: `current_image` only follows that link, and never
+downloads. Images are keyed by the hash of everything that goes in (the packages' file
+hashes as apt reports them, init.sh, this recipe), built in a temporary directory and
+renamed into place, under a file lock so concurrent builds build once. `build_image` blocks
+(about 2 s when built, for apt to resolve the package versions; a few seconds more to
+build, plus a ~75 MB download the first time).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import subprocess
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +42,7 @@ from nseh.definition import VMDefinition
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("/var/cache/nseh/guest")
+CACHE_ENV = "NSEH_GUEST_CACHE"
 KERNEL_META_PACKAGE = "linux-image-amd64"
 # busybox for the userland; socat for the UDP (and TCP) echo services.
 TOOL_PACKAGES = ("busybox-static", "socat")
@@ -52,10 +57,14 @@ GUEST_LIB_DIR = "lib/x86_64-linux-gnu"  # in the loader's default search path
 PACKAGE_LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib")
 _IMAGE_KERNEL = "kernel"
 _IMAGE_INITRD = "initrd.img"
+_IMAGE_INPUTS = "inputs.json"
+_CURRENT_LINK = "current"  # -> images/<key>: the image agents boot
+
+Progress = Callable[[str], None]
 
 
 class GuestImageError(RuntimeError):
-    """The guest image cannot be built; the message is one line."""
+    """The guest image cannot be built or found; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -63,11 +72,25 @@ class GuestImage:
     kernel: Path
     initrd: Path
 
+    @classmethod
+    def in_directory(cls, image_dir: Path) -> GuestImage:
+        return cls(kernel=image_dir / _IMAGE_KERNEL, initrd=image_dir / _IMAGE_INITRD)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    image: GuestImage
+    key: str
+    built: bool  # False: the cache had it already
+    downloaded_bytes: int
+    seconds: float
+
 
 @dataclass(frozen=True)
 class _Package:
     name: str
     filename: str  # as `apt-get download` names it
+    size: int
     checksum: str  # "SHA256:<hex>", from the archive's index
 
     def verify(self, path: Path) -> bool:
@@ -77,38 +100,205 @@ class _Package:
         return digest.hexdigest() == expected
 
 
-def ensure_image(cache_dir: Path = DEFAULT_CACHE_DIR) -> GuestImage:
-    """Return the guest image for the current Debian packages, building it if needed."""
+def guest_cache_dir() -> Path:
+    """The guest image cache: $NSEH_GUEST_CACHE, else /var/cache/nseh/guest."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR)
+
+
+def build_command(cache_dir: Path) -> str:
+    """The command that builds the image into `cache_dir`, for messages."""
+    return "nseh image build" + ("" if cache_dir == DEFAULT_CACHE_DIR else f" --cache {cache_dir}")
+
+
+def build_image(cache_dir: Path, progress: Progress | None = None) -> BuildResult:
+    """Build the guest image for the current Debian packages unless the cache has it, and
+    make it the current one. Needs the Debian archive for a build (and apt's lists)."""
+    say = progress or (lambda message: None)
+    started = time.monotonic()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GuestImageError(f"cannot create the guest image cache {cache_dir}: "
                               f"{exc.strerror}") from None
+    say("resolving the guest image's Debian packages")
     packages = _resolve_packages()
     key = _cache_key(packages)
     image_dir = cache_dir / "images" / key[:24]
-    image = GuestImage(kernel=image_dir / _IMAGE_KERNEL, initrd=image_dir / _IMAGE_INITRD)
-    if image_dir.is_dir():  # only ever created complete, by rename
-        return image
-    with _locked(cache_dir / "build.lock"):
-        if image_dir.is_dir():  # another agent built it while we waited
-            return image
-        started = time.monotonic()
-        log.info("building guest image %s in %s", key[:24], cache_dir)
-        _remove_stale_builds(cache_dir)
-        debs = _download(packages, cache_dir / "debs")
-        build_dir = Path(tempfile.mkdtemp(prefix="build-", dir=cache_dir))
-        build_dir.chmod(0o755)  # mkdtemp makes it private
-        try:
-            _build(debs, build_dir)
-            (build_dir / "inputs.json").write_text(json.dumps(
-                {"key": key, "packages": {p.name: p.filename for p in packages}}, indent=2))
-            image_dir.parent.mkdir(exist_ok=True)
-            build_dir.rename(image_dir)
-        finally:
-            shutil.rmtree(build_dir, ignore_errors=True)
-        log.info("built guest image %s in %.1f s", key[:24], time.monotonic() - started)
+    built, downloaded = False, 0
+    # Held while the link changes too, so that a prune never removes what becomes current.
+    with _locked(cache_dir / "build.lock", say):
+        if not image_dir.is_dir():  # only ever created complete, by rename
+            log.info("building guest image %s in %s", key[:24], cache_dir)
+            _remove_stale_builds(cache_dir)
+            downloaded = _download(packages, cache_dir / "debs", say)
+            say(f"building guest image {key[:24]}")
+            _build_into(packages, key, cache_dir, image_dir)
+            built = True
+            log.info("built guest image %s in %.1f s", key[:24], time.monotonic() - started)
+        _set_current(cache_dir, image_dir)
+    return BuildResult(image=GuestImage.in_directory(image_dir), key=key, built=built,
+                       downloaded_bytes=downloaded, seconds=time.monotonic() - started)
+
+
+def current_image(cache_dir: Path) -> GuestImage:
+    """The image `build_image` made current in `cache_dir`; never builds or downloads."""
+    image_dir = _current_dir(cache_dir)
+    image = GuestImage.in_directory(image_dir) if image_dir else None
+    if image is None or not (image.kernel.is_file() and image.initrd.is_file()):
+        raise GuestImageError(f"no guest image in {cache_dir}: run `{build_command(cache_dir)}` "
+                              "on this host (needs the Debian archive)")
     return image
+
+
+def _current_dir(cache_dir: Path) -> Path | None:
+    try:
+        target = os.readlink(cache_dir / _CURRENT_LINK)
+    except OSError:
+        return None
+    return cache_dir / target
+
+
+def _set_current(cache_dir: Path, image_dir: Path) -> None:
+    # A new link renamed over the old one: readers see the old image or the new, never none.
+    temporary = cache_dir / f".{_CURRENT_LINK}-{os.getpid()}"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(image_dir.relative_to(cache_dir))
+    temporary.replace(cache_dir / _CURRENT_LINK)
+
+
+def _build_into(packages: list[_Package], key: str, cache_dir: Path, image_dir: Path) -> None:
+    build_dir = Path(tempfile.mkdtemp(prefix="build-", dir=cache_dir))
+    build_dir.chmod(0o755)  # mkdtemp makes it private
+    try:
+        _build({p.name: cache_dir / "debs" / p.filename for p in packages}, build_dir)
+        (build_dir / _IMAGE_INPUTS).write_text(json.dumps(
+            {"key": key, "packages": {p.name: p.filename for p in packages}}, indent=2))
+        image_dir.parent.mkdir(exist_ok=True)
+        build_dir.rename(image_dir)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
+
+
+# -- what the cache holds, and pruning it ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    name: str  # its directory under images/
+    path: Path
+    key: str
+    packages: dict[str, str]  # package name -> .deb file name
+    size_bytes: int
+    built_at: float  # Unix time
+    current: bool
+    used_by: tuple[int, ...]  # processes (QEMU) whose command line names its files
+
+
+@dataclass(frozen=True)
+class CacheContents:
+    cache_dir: Path
+    images: list[CachedImage]
+    debs: list[Path]
+
+    @property
+    def current(self) -> CachedImage | None:
+        return next((image for image in self.images if image.current), None)
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    images: list[CachedImage]  # to remove
+    kept_in_use: list[CachedImage]  # not current, but a running process boots from it
+    debs: list[Path]  # to remove
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    removed_images: list[str]
+    kept_in_use: list[CachedImage]
+    removed_debs: list[str]
+    freed_bytes: int
+
+
+def cache_contents(cache_dir: Path) -> CacheContents:
+    """The images and .deb files in `cache_dir`, which is the current image, which are in use."""
+    current = _current_dir(cache_dir)
+    image_dirs = sorted(p for p in (cache_dir / "images").glob("*") if p.is_dir())
+    users = _processes_naming(image_dirs)
+    images = []
+    for image_dir in image_dirs:
+        inputs_file = image_dir / _IMAGE_INPUTS
+        try:
+            inputs = json.loads(inputs_file.read_text())
+            built_at = inputs_file.stat().st_mtime
+        except (OSError, ValueError):
+            inputs, built_at = {}, image_dir.stat().st_mtime
+        images.append(CachedImage(
+            name=image_dir.name, path=image_dir, key=inputs.get("key", "?"),
+            packages=inputs.get("packages", {}), size_bytes=_size(image_dir),
+            built_at=built_at, current=current is not None and current.name == image_dir.name,
+            used_by=tuple(users[image_dir])))
+    return CacheContents(cache_dir=cache_dir, images=images,
+                         debs=sorted((cache_dir / "debs").glob("*.deb")))
+
+
+def plan_prune(contents: CacheContents) -> PrunePlan:
+    """Everything but the current image, the images running processes boot from and the
+    .deb files the current image is built from."""
+    current = contents.current
+    needed_debs = set(current.packages.values()) if current else set()
+    others = [image for image in contents.images if not image.current]
+    return PrunePlan(images=[image for image in others if not image.used_by],
+                     kept_in_use=[image for image in others if image.used_by],
+                     debs=[deb for deb in contents.debs if deb.name not in needed_debs])
+
+
+def prune_cache(cache_dir: Path) -> PruneResult:
+    """Remove what `plan_prune` chooses, and the leftovers of killed builds. Without a
+    current image it removes nothing: that would be everything."""
+    no_current = GuestImageError(f"no current guest image in {cache_dir}, so nothing to keep: "
+                                 f"run `{build_command(cache_dir)}` first")
+    if not cache_dir.is_dir():
+        raise no_current
+    with _locked(cache_dir / "build.lock"):  # no build meanwhile
+        contents = cache_contents(cache_dir)
+        if contents.current is None:
+            raise no_current
+        plan = plan_prune(contents)
+        doomed = [*(image.path for image in plan.images), *plan.debs, *_stale_builds(cache_dir)]
+        freed = sum(_size(path) for path in doomed)
+        for path in doomed:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    return PruneResult(removed_images=[image.name for image in plan.images],
+                       kept_in_use=plan.kept_in_use, removed_debs=[deb.name for deb in plan.debs],
+                       freed_bytes=freed)
+
+
+def _size(path: Path) -> int:
+    if not path.is_dir():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*"))
+
+
+def _processes_naming(directories: list[Path]) -> dict[Path, list[int]]:
+    """The processes whose command line names a file in one of `directories`."""
+    users: dict[Path, list[int]] = {directory: [] for directory in directories}
+    by_real_path = {directory.resolve(): directory for directory in directories}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:  # the process ended meanwhile
+            continue
+        for arg in args:
+            if arg.startswith(b"/") and b"/images/" in arg:
+                directory = by_real_path.get(Path(os.path.realpath(os.fsdecode(arg))).parent)
+                if directory is not None:
+                    users[directory].append(int(cmdline.parent.name))
+                    break
+    return users
 
 
 def kernel_cmdline(definition: VMDefinition) -> str:
@@ -155,8 +345,8 @@ def _resolve_packages() -> list[_Package]:
                         if line and not line[0].isspace() and not line.startswith("<")]
     packages = []
     for line in _run(["apt-get", "download", "--print-uris", *dict.fromkeys(names)]).splitlines():
-        _uri, filename, _size, checksum = line.split()
-        packages.append(_Package(filename.split("_")[0], filename, checksum))
+        _uri, filename, size, checksum = line.split()
+        packages.append(_Package(filename.split("_")[0], filename, int(size), checksum))
     return sorted(packages, key=lambda p: p.name)
 
 
@@ -174,12 +364,19 @@ def _init_script() -> bytes:
 
 
 @contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with lock_path.open("a") as lock_file:
+def _locked(lock_path: Path, say: Progress | None = None) -> Iterator[None]:
+    try:
+        lock_file = lock_path.open("a")
+    except OSError as exc:
+        raise GuestImageError(f"cannot lock the guest image cache ({lock_path}): "
+                              f"{exc.strerror}") from None
+    with lock_file:
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("waiting for another process building the guest image (%s)", lock_path)
+            if say:
+                say(f"waiting for another build or prune of the guest image ({lock_path})")
             fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
             yield
@@ -187,18 +384,25 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
+def _stale_builds(cache_dir: Path) -> list[Path]:
+    # Only called with the lock held: any build or download directory left is from a killed
+    # build.
+    return [*cache_dir.glob("build-*"), *cache_dir.glob("debs/download-*")]
+
+
 def _remove_stale_builds(cache_dir: Path) -> None:
-    # Called with the lock held: any build or download directory left is from a killed build.
-    for stale in [*cache_dir.glob("build-*"), *cache_dir.glob("debs/download-*")]:
+    for stale in _stale_builds(cache_dir):
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _download(packages: list[_Package], deb_dir: Path) -> dict[str, Path]:
-    """The packages' .deb files, downloading those not cached yet."""
+def _download(packages: list[_Package], deb_dir: Path, say: Progress) -> int:
+    """Download the packages' .deb files not cached yet; the bytes downloaded."""
     deb_dir.mkdir(exist_ok=True)
     missing = [p for p in packages if not (deb_dir / p.filename).is_file()]
     if missing:
-        log.info("downloading %d Debian packages", len(missing))
+        size = sum(p.size for p in missing)
+        log.info("downloading %d Debian packages (%d bytes)", len(missing), size)
+        say(f"downloading {len(missing)} Debian packages ({size / 1e6:.1f} MB)")
         with tempfile.TemporaryDirectory(prefix="download-", dir=deb_dir) as download_dir:
             # As root apt would drop to the _apt user, which cannot write our directory.
             _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
@@ -209,7 +413,7 @@ def _download(packages: list[_Package], deb_dir: Path) -> dict[str, Path]:
                     raise GuestImageError(f"apt-get download did not deliver {package.filename} "
                                           "(package lists changed meanwhile? try again)")
                 downloaded.rename(deb_dir / package.filename)
-    return {p.name: deb_dir / p.filename for p in packages}
+    return sum(p.size for p in missing)
 
 
 def _build(debs: dict[str, Path], build_dir: Path) -> None:

@@ -13,8 +13,10 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from nseh.agent.config import AgentConfig
+from nseh.guest.image import GuestImageError, Progress, build_image, guest_cache_dir
 from nseh.inventory import LAB_INVENTORY, Inventory
 from nseh.lab import layout, processes, topology
 from nseh.lab.layout import (
@@ -122,19 +124,29 @@ def _leftovers() -> list[str]:
     return found + topology.lab_namespaces()
 
 
-def up(hosts: int = 2, clients: int = 1, start_agents: bool = True) -> LabStatus:
-    """Build the lab and (unless told not to) start the agents; undo everything on failure."""
+def up(hosts: int = 2, clients: int = 1, start_agents: bool = True,
+       guest_cache: Path | None = None, progress: Progress | None = None) -> LabStatus:
+    """Build the lab and (unless told not to) start the agents; undo everything on failure.
+    The agents boot the guest image of `guest_cache` (default: $NSEH_GUEST_CACHE, else
+    /var/cache/nseh/guest), built here first if it is not there."""
     if not 1 <= hosts <= MAX_HOSTS:
         raise LabError(f"the lab needs 1 to {MAX_HOSTS} hosts, not {hosts}")
     if not 0 <= clients <= MAX_CLIENTS:
         raise LabError(f"the lab takes 0 to {MAX_CLIENTS} clients, not {clients}")
+    guest_cache = (guest_cache or guest_cache_dir()).absolute()  # agents have their own cwd
+    if start_agents:
+        # Here, in the root namespace: the agents' namespaces have no route to the archive.
+        try:
+            build_image(guest_cache, progress)
+        except GuestImageError as exc:
+            raise LabError(f"guest image: {exc}") from None
     with _lab_lock():
         if found := _leftovers():
             raise LabError(f"a lab is already up or left over ({', '.join(found)}); "
                            "run `nseh lab down` first")
         shutil.rmtree(layout.FAILED_UP_DIR, ignore_errors=True)
         try:
-            _build(hosts, clients, start_agents)
+            _build(hosts, clients, start_agents, guest_cache)
         except LabError as exc:
             kept_logs = _keep_agent_logs()
             _teardown()
@@ -159,7 +171,7 @@ def _keep_agent_logs() -> bool:
     return bool(logs)
 
 
-def _build(hosts: int, clients: int, start_agents: bool) -> None:
+def _build(hosts: int, clients: int, start_agents: bool, guest_cache: Path) -> None:
     LAB_DIR.mkdir(parents=True)
     for namespace in (FABRIC_NAMESPACE, *map(host_namespace, range(1, hosts + 1)),
                       *map(client_namespace, range(1, clients + 1))):
@@ -172,7 +184,7 @@ def _build(hosts: int, clients: int, start_agents: bool) -> None:
 
     # The lab is its own cluster CA: every host gets a certificate for the SC channel.
     ca = create_ca(LAB_DIR / "pki", name="nseh lab CA")
-    lab_hosts = [_write_host_files(i, ca) for i in range(1, hosts + 1)]
+    lab_hosts = [_write_host_files(i, ca, guest_cache) for i in range(1, hosts + 1)]
     Inventory(hosts={h.name: h.agent_endpoint for h in lab_hosts}).save(LAB_INVENTORY)
     save_state(LabState(
         fabric_namespace=FABRIC_NAMESPACE, router_ipv4=ROUTER4, router_ipv6=ROUTER6,
@@ -190,7 +202,7 @@ def _build(hosts: int, clients: int, start_agents: bool) -> None:
 LAB_API_PORT = 7471
 
 
-def _write_host_files(index: int, ca: CertAuthority) -> LabHost:
+def _write_host_files(index: int, ca: CertAuthority, guest_cache: Path) -> LabHost:
     name = layout.host_name(index)
     layout.agent_state_dir(name).mkdir(parents=True)
     creds = issue_host_certificate(ca, name, [host_mgmt_ipv4(index), host_mgmt_ipv6(index)],
@@ -203,7 +215,7 @@ def _write_host_files(index: int, ca: CertAuthority) -> LabHost:
         vm_bridge=HOST_VM_BRIDGE,
         public_interface=layout.HOST_PUBLIC_LINK,
         tls_cert=creds.cert_path, tls_key=creds.key_path, tls_ca=creds.ca_path,
-        tls_revoked=creds.revoked_path, api_port=LAB_API_PORT,
+        tls_revoked=creds.revoked_path, api_port=LAB_API_PORT, guest_cache=guest_cache,
     ).save(layout.agent_config_path(name))
     return LabHost(
         name=name, namespace=host_namespace(index),
