@@ -67,7 +67,8 @@ class Provenance:
         commit = _output(["git", "rev-parse", "HEAD"], tree)
         status = _output(["git", "status", "--porcelain"], tree) if commit else None
         changed = [line[3:] for line in status.splitlines()] if status else []
-        return cls(command=list(sys.argv if argv is None else argv), started_utc=_now(),
+        # orig_argv: the command as typed, interpreter and `-m` included.
+        return cls(command=list(sys.orig_argv if argv is None else argv), started_utc=_now(),
                    commit=commit.strip() if commit else None,
                    dirty=None if status is None else bool(changed),
                    dirty_paths=changed[:DIRTY_PATHS_KEPT])
