@@ -67,7 +67,9 @@ def sc_rates(microbench: dict[str, Any], path: Path) -> None:
     runs = [r for r in microbench.get("runs", []) if "error" not in r]
     measures = (("dump", "dump"), ("insert", "insert"), ("end_to_end", "end to end"))
     colors = {"nseh": "tab:blue", "conntrack_cli": "tab:gray", "pyroute2": "tab:olive"}
-    figure, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
+    # One y scale for all panels, so that bars of different sizes compare.
+    figure, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False,
+                                sharey=True)
     for ax, run in zip(axes[0], runs, strict=True):
         paths = [p for p, figures in run["paths"].items() if "skipped" not in figures]
         width = 0.8 / len(paths)
@@ -83,8 +85,11 @@ def sc_rates(microbench: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{run['entries']:,} entries")
         ax.grid(True, axis="y", alpha=0.3)
     axes[0][0].set_ylabel("entries per second (log), start-up included")
-    axes[0][-1].legend(fontsize=8)
+    labelled = {label: handle for ax in axes[0]
+                for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    figure.legend(labelled.values(), labelled.keys(), fontsize=8, ncol=len(labelled),
+                  loc="lower center")
     figure.suptitle("Moving a VM's conntrack entries between tables (medians)")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
