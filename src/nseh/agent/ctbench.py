@@ -430,7 +430,10 @@ def main() -> None:
     if args.entries < 1 or args.runs < 1:
         parser.error("--entries and --runs must be at least 1")
     provenance = Provenance.start()
-    report = benchmark(args.entries, args.runs, args.pyroute2_max)
+    try:
+        report = benchmark(args.entries, args.runs, args.pyroute2_max)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:  # ConntrackError too
+        sys.exit(f"ctbench: {exc}")
     report["provenance"] = provenance.finish().to_json()
     print(json.dumps(report, indent=1))
 
