@@ -115,14 +115,14 @@ def _nseh_dump(mark: int, out: IO[bytes]) -> None:
     """The source agent's bulk copy as one byte stream: HELLO, round 1, COMMIT."""
     from nseh.agent.engines import Delta
     from nseh.migration.sc_transfer import round_messages
-    from nseh.sc.wire import Commit, FrameEncoder, Hello, new_session
+    from nseh.sc.wire import PROTOCOL_VERSION, Commit, FrameEncoder, Hello, new_session
 
     engine, scope = _engine(), _scope(mark)
     started = time.perf_counter()
     entries = engine.snapshot(scope)
     dumped = time.perf_counter()
     encoder = FrameEncoder(new_session())
-    messages = [Hello(1, SOURCE_HOST, scope.name, "stopcopy"),
+    messages = [Hello(PROTOCOL_VERSION, SOURCE_HOST, scope.name, "stopcopy"),
                 *round_messages({engine.name: Delta(upserts=entries)}, 1,
                                 encoder.max_frame_bytes, encoder.max_entries_per_frame,
                                 final=False), Commit()]
