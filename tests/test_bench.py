@@ -43,15 +43,29 @@ def sample(mode: str, downtime: float, total: float, *, size: int = 10_000,
                   **figures)
 
 
+def moved(dump: float, insert: float, end_to_end: float,
+          install_per_s: int | None = None) -> dict[str, Any]:
+    """One path's figures in ctbench's shape (medians in seconds)."""
+    figures: dict[str, Any] = {
+        measure: {"median_s": seconds, "per_s": round(10_000 / seconds), "runs_s": [seconds]}
+        for measure, seconds in (("dump", dump), ("insert", insert),
+                                 ("end_to_end", end_to_end))}
+    figures.update(empty_dump={"median_s": 0.02, "runs_s": [0.02]}, transfer_bytes=2_000_000,
+                   inside_process={} if install_per_s is None else
+                   {"insert.install_s": {"median_s": 0.1, "per_s": install_per_s,
+                                         "runs_s": [0.1]}})
+    return figures
+
+
 MICROBENCH = {"runs": [
-    {"entries": 10_000, "nseh_dump": {"per_s": 320_000}, "conntrack_cli_dump": {"per_s": 160_000},
-     "dump_speedup_vs_conntrack_cli": 2.0, "nseh_insert": {"per_s": 300_000},
-     "pyroute2_dump_per_s_extrapolated_from_2000": 3000,
-     "pyroute2_insert_per_s_extrapolated_from_2000": 1600, "peak_rss_mib_moving": 22.6},
-    {"entries": 100_000, "nseh_dump": {"per_s": 400_000},
-     "conntrack_cli_dump": {"per_s": 300_000}, "dump_speedup_vs_conntrack_cli": 1.33,
-     "nseh_insert": {"per_s": 240_000}, "pyroute2_dump_per_s_extrapolated_from_2000": 3000,
-     "pyroute2_insert_per_s_extrapolated_from_2000": 1600, "peak_rss_mib_moving": 60.1},
+    {"entries": 10_000, "speedup_vs_conntrack_cli": {"end_to_end": 2.0},
+     "nseh_install_per_s": 300_000,
+     "paths": {"nseh": moved(0.3, 0.4, 0.5, 300_000), "conntrack_cli": moved(0.4, 0.6, 1.0),
+               "pyroute2": moved(8, 9, 12, 1_300)}},
+    {"entries": 100_000, "speedup_vs_conntrack_cli": {"end_to_end": 1.33},
+     "nseh_install_per_s": 95_000,
+     "paths": {"nseh": moved(0.5, 1.5, 1.5, 95_000), "conntrack_cli": moved(1, 1, 2),
+               "pyroute2": {"skipped": "not run above 10,000 entries"}}},
 ]}
 
 
@@ -121,10 +135,13 @@ def test_carrying_ips_state_is_judged_against_precopy_without_it():
 def test_microbench_target_verdicts():
     verdicts = summarize([], microbench=MICROBENCH)["targets"]
     found = {(t["target"][:9], t["where"]): t["met"] for t in verdicts}
-    assert found[("SC dump >", "micro-benchmark, 10,000 entries")] is True
-    assert found[("SC dump >", "micro-benchmark, 100,000 entries")] is False  # 1.33x
-    assert found[("SC insert", "micro-benchmark, 10,000 entries")] is True
-    assert found[("SC insert", "micro-benchmark, 100,000 entries")] is False  # 240k/s
+    assert found[("SC move e", "micro-benchmark, 10,000 entries")] is True
+    assert found[("SC move e", "micro-benchmark, 100,000 entries")] is False  # 1.33x
+    assert found[("SC instal", "micro-benchmark, 10,000 entries")] is True
+    assert found[("SC instal", "micro-benchmark, 100,000 entries")] is False  # 95k/s
+    text = to_markdown(summarize([], microbench=MICROBENCH))
+    assert "| 100,000 | pyroute2 | skipped: not run above 10,000 entries |" in text
+    assert "| 100,000 | nseh | 0.500 | 1.500 | 1.500 | 0.020 | 2,000,000 | 95,000 |" in text
 
 
 def test_agent_memory_verdict_needs_a_run_that_moved_100000_entries():
@@ -161,9 +178,11 @@ def test_samples_round_trip_through_csv_and_json(tmp_path: Path):
                http_requests=1345, http_requests_per_s=335.9, http_errors=0, http_timeouts=0),
         sample("none", 0, 0, ok=False, workload="idle", size=0),
     ]
-    write_samples(samples, tmp_path)
+    write_samples(samples, tmp_path, {"commit": "abc", "dirty": False})
     assert read_samples_json(tmp_path / "samples.json") == samples
     assert read_samples_csv(tmp_path / "samples.csv") == samples
+    assert json.loads((tmp_path / "samples.json").read_text())["provenance"]["commit"] == "abc"
+    assert (tmp_path / "samples.csv").read_text().startswith('# commit: "abc"\n# dirty: false\n')
 
 
 def test_modes_rotate_across_repetitions():
@@ -249,6 +268,14 @@ def test_the_quick_bench_measures_every_cell(tmp_path: Path):
         assert width > 100 and height > 100
     samples = read_samples_json(out / "samples.json")
     assert read_samples_csv(out / "samples.csv") == samples
+    # Every file says where it came from: the code, the machine, the command, when.
+    provenance = summary["provenance"]
+    assert len(provenance["commit"]) == 40
+    assert provenance["command"][-5:] == ["bench", "--quick", "--out", str(out), "--json"]
+    assert provenance["machine"]["accel"] and provenance["ended_utc"]
+    assert json.loads((out / "samples.json").read_text())["provenance"] == provenance
+    assert json.loads((out / "microbench.json").read_text())["provenance"] == provenance
+    assert f"commit `{provenance['commit'][:12]}`" in (out / "summary.md").read_text()
     cells: dict[tuple[str, int, str], int] = {}
     for s in samples:
         key = (s.workload, s.size, s.mode)

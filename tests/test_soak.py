@@ -19,6 +19,9 @@ def test_a_short_soak_loses_no_connection_and_leaks_nothing():
     assert soak["passed"] and soak["migrations"] == 10 and soak["failed"] == 0
     assert soak["guest_flow_alive"] and len(soak["flows"]) == 6
     assert all(flow["alive"] for flow in soak["flows"])
+    provenance = soak["provenance"]
+    assert provenance["command"][-3:] == ["--migrations", "10", "--json"]
+    assert provenance["machine"]["accel"] and provenance["ended_utc"]
     for host in ("h1", "h2"):
         start, end = soak["resources"]["after_warm_up"][host], soak["resources"]["end"][host]
         assert set(start) == set(soak["tolerance"]) and end["nft_objects"] > 0

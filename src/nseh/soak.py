@@ -27,6 +27,7 @@ from nseh.demo import DEMO_VM, demo_flows
 from nseh.inventory import Inventory
 from nseh.lab.echo import EchoServer
 from nseh.lab.probe import Probe, ProbeError
+from nseh.provenance import Provenance
 
 HOSTS = ("h1", "h2")
 CLIENT = 1
@@ -47,11 +48,14 @@ def run_soak(migrations: int, console: Console) -> dict[str, Any]:
     """Build the lab, soak, remove the lab (also on failure); return the result."""
     if migrations < 2 or migrations % 2:
         raise SoakError("--migrations must be an even number >= 2 (the VM ends on h1)")
+    provenance = Provenance.start()
     lab.down()  # leftovers of an earlier, killed run
     try:
         with console.status("creating the lab (2 hosts, 1 client)"):
             lab.up(hosts=2, clients=1)
-        return asyncio.run(_soak(Cluster(Inventory.find()), migrations, console))
+        result = asyncio.run(_soak(Cluster(Inventory.find()), migrations, console))
+        provenance.finish(accel=result.pop("accel"))
+        return {"provenance": provenance.to_json(), **result}
     finally:
         with console.status("removing the lab"):
             lab.down()
@@ -59,7 +63,8 @@ def run_soak(migrations: int, console: Console) -> dict[str, Any]:
 
 async def _soak(cluster: Cluster, migrations: int, console: Console) -> dict[str, Any]:
     with console.status(f"booting {DEMO_VM.name} on h1"):
-        await cluster.call("h1", "vm.start", {"definition": DEMO_VM.to_json()}, timeout=900)
+        vm = await cluster.call("h1", "vm.start", {"definition": DEMO_VM.to_json()},
+                                timeout=900)
     client_ip = lab.client_ipv4(CLIENT)
     started = time.monotonic()
     with EchoServer(lab.client_namespace(CLIENT), [ECHO_PORT]), \
@@ -101,6 +106,7 @@ async def _soak(cluster: Cluster, migrations: int, console: Console) -> dict[str
         broken.append(f"tcp from the VM to {client_ip}:{ECHO_PORT}")
     failed = [r for r in reports if r["result"] != "migrated"]
     return {
+        "accel": vm.get("accel"),  # the caller moves it into the provenance
         "migrations": len(reports), "planned": migrations, "failed": len(failed),
         "failures": [r["failure"] for r in failed],
         "wall_s": round(time.monotonic() - started),

@@ -30,7 +30,7 @@ class BenchConfig:
     workloads: tuple[str, ...]
     modes: tuple[str, ...]
     reps: int
-    # Entry counts for the SC fast-path micro-benchmark; empty: skip it.
+    # Entry counts for the SC move micro-benchmark (ctbench); empty: skip it.
     microbench_sizes: tuple[int, ...] = ()
     # Blocked sources the VM's IPS holds before each migration; None: the VM has no IPS.
     ips_blocks: int | None = None

@@ -63,33 +63,33 @@ def downtime_vs_size(cells: list[dict[str, Any]], path: Path) -> None:
 
 
 def sc_rates(microbench: dict[str, Any], path: Path) -> None:
-    """Dump and insert rates of nseh's fast path vs `conntrack -L` and pyroute2."""
+    """Entries/s of each way of moving the SC, per step, start-up included (medians)."""
     runs = [r for r in microbench.get("runs", []) if "error" not in r]
-    bars = (("nseh dump", lambda r: r["nseh_dump"]["per_s"], "tab:blue"),
-            ("conntrack -L", lambda r: r["conntrack_cli_dump"]["per_s"], "tab:gray"),
-            ("pyroute2 dump", lambda r: _pyroute2(r, "dump"), "tab:olive"),
-            ("nseh insert", lambda r: r["nseh_insert"]["per_s"], "tab:cyan"),
-            ("pyroute2 insert", lambda r: _pyroute2(r, "insert"), "tab:brown"))
-    figure, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(bars)
-    for index, (label, rate, color) in enumerate(bars):
-        xs = [position + (index - (len(bars) - 1) / 2) * width for position in range(len(runs))]
-        values = [rate(run) for run in runs]
-        ax.bar(xs, values, width, label=label, color=color)
-        for x, value in zip(xs, values, strict=True):
-            ax.annotate(f"{value / 1000:.0f}k" if value >= 10_000 else f"{value / 1000:.1f}k",
-                        (x, value), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(runs)), [f"{run['entries']:,} entries" for run in runs])
-    ax.set_yscale("log")
-    ax.set_ylabel("entries per second (log scale)")
-    ax.set_title("SC fast path: conntrack dump and insert rates")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
-    ax.grid(True, axis="y", alpha=0.3)
-    figure.tight_layout()
+    measures = (("dump", "dump"), ("insert", "insert"), ("end_to_end", "end to end"))
+    colors = {"nseh": "tab:blue", "conntrack_cli": "tab:gray", "pyroute2": "tab:olive"}
+    # One y scale for all panels, so that bars of different sizes compare.
+    figure, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False,
+                                sharey=True)
+    for ax, run in zip(axes[0], runs, strict=True):
+        paths = [p for p, figures in run["paths"].items() if "skipped" not in figures]
+        width = 0.8 / len(paths)
+        for index, name in enumerate(paths):
+            xs = [m + (index - (len(paths) - 1) / 2) * width for m in range(len(measures))]
+            values = [run["paths"][name][key]["per_s"] for key, _ in measures]
+            ax.bar(xs, values, width, label=name, color=colors.get(name))
+            for x, value in zip(xs, values, strict=True):
+                ax.annotate(f"{value / 1000:.0f}k" if value >= 10_000 else f"{value / 1000:.1f}k",
+                            (x, value), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(measures)), [label for _, label in measures])
+        ax.set_yscale("log")
+        ax.set_title(f"{run['entries']:,} entries")
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("entries per second (log), start-up included")
+    labelled = {label: handle for ax in axes[0]
+                for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    figure.legend(labelled.values(), labelled.keys(), fontsize=8, ncol=len(labelled),
+                  loc="lower center")
+    figure.suptitle("Moving a VM's conntrack entries between tables (medians)")
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
-
-def _pyroute2(run: dict[str, Any], step: str) -> float:
-    """pyroute2's rate for `step`; ctbench names the key after its sample size."""
-    return float(next(v for k, v in run.items() if k.startswith(f"pyroute2_{step}_per_s")))

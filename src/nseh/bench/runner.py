@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from nseh.inventory import Inventory
 from nseh.lab import layout
 from nseh.lab.layout import namespace_of
 from nseh.lab.probe import Probe, ProbeError
+from nseh.provenance import Provenance
 
 VM = DEMO_VM
 VM4 = str(VM.network.ipv4.ip) if VM.network.ipv4 else None
@@ -75,8 +75,9 @@ def run_bench(config: BenchConfig, console: Console) -> tuple[Path, dict[str, An
     out = config.out or default_out()
     if out.exists() and any(out.iterdir()):
         raise BenchError(f"--out {out} is not empty")
+    provenance = Provenance.start()  # before the output directory adds to the tree
     out.mkdir(parents=True, exist_ok=True)
-    started, started_utc = time.monotonic(), datetime.now(UTC).isoformat(timespec="seconds")
+    started = time.monotonic()
     samples: list[Sample] = []
     info: dict[str, Any] = {}
     stopped: str | None = None
@@ -94,13 +95,14 @@ def run_bench(config: BenchConfig, console: Console) -> tuple[Path, dict[str, An
         keep_agent_logs(out)
         with console.status("removing the lab"):
             lab.down()
-    info.update(started_utc=started_utc, wall_s=round(time.monotonic() - started),
+    info.update(wall_s=round(time.monotonic() - started),
                 sizes=list(config.sizes), workloads=list(config.workloads),
                 modes=list(config.modes), reps=config.reps, ips_blocks=config.ips_blocks,
-                stopped_early=stopped,
-                machine=f"{os.cpu_count()} CPUs, kernel {os.uname().release}, "
-                        f"guest accel {info.get('accel', '?')}")
-    summary = summarize(samples, microbench=microbench, run_info=info)
+                stopped_early=stopped)
+    provenance.finish(accel=info.pop("accel", None))
+    if microbench:
+        microbench["provenance"] = provenance.to_json()
+    summary = summarize(samples, microbench=microbench, run_info=info, provenance=provenance)
     write_outputs(out, samples, summary)
     if stopped:
         raise BenchError(f"{stopped}; stopped after {len(samples)} migrations, "
@@ -119,7 +121,7 @@ def keep_agent_logs(out: Path) -> None:
 
 
 def write_outputs(out: Path, samples: list[Sample], summary: dict[str, Any]) -> None:
-    write_samples(samples, out)
+    write_samples(samples, out, summary["provenance"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.md").write_text(to_markdown(summary))
     if any(c["downtime_ms"] for c in summary["cells"]):
@@ -137,14 +139,14 @@ def run_microbench(sizes: tuple[int, ...], console: Console) -> dict[str, Any] |
         return None
     runs: list[dict[str, Any]] = []
     for size in sizes:
-        with console.status(f"SC fast-path micro-benchmark, {size:,} entries"):
-            result = subprocess.run(
-                [sys.executable, "-m", "nseh.agent.ctbench", "--entries", str(size)],
-                capture_output=True, text=True, timeout=MICROBENCH_TIMEOUT, check=False)
-        if result.returncode == 0:
-            runs.append(json.loads(result.stdout))
-        else:
-            runs.append({"entries": size, "error": result.stderr.strip()[-300:]})
+        command = [sys.executable, "-m", "nseh.agent.ctbench", "--entries", str(size)]
+        with console.status(f"SC move micro-benchmark, {size:,} entries"):
+            result = subprocess.run(command, capture_output=True, text=True,
+                                    timeout=MICROBENCH_TIMEOUT, check=False)
+        # A run's own provenance (its command, start and end) is in its JSON.
+        runs.append(json.loads(result.stdout) if result.returncode == 0 else
+                    {"entries": size, "command": command,
+                     "error": result.stderr.strip()[-300:]})
     return {"runs": runs}
 
 

@@ -185,26 +185,14 @@ class ScSender:
 
     async def _send_round(self, deltas: dict[str, Delta], *, final: bool) -> None:
         self.round += 1
-        messages: list[Message] = []
-        entries = deletes = 0
-        # Batches well below the frame limits: written one by one, a big round streams
-        # (bounded memory here) and the destination applies a batch while the next arrives.
-        limits = (min(self.channel.max_frame_bytes, STREAM_BATCH_BYTES),
-                  self.channel.max_entries_per_frame)
+        messages = round_messages(deltas, self.round, self.channel.max_frame_bytes,
+                                  self.channel.max_entries_per_frame, final=final)
+        entries = sum(len(delta.upserts) for delta in deltas.values())
+        deletes = sum(len(delta.deletes) for delta in deltas.values())
         for engine, delta in deltas.items():
-            if delta.resync:
-                self.stats.resyncs += 1
-                messages.append(Resync(engine, self.round))
-            for batch in batch_entries(delta.deletes, *limits):
-                messages.append(Deletes(engine, self.round, batch))
-            for batch in batch_entries(delta.upserts, *limits):
-                messages.append(Entries(engine, self.round, batch))
-            entries += len(delta.upserts)
-            deletes += len(delta.deletes)
+            self.stats.resyncs += delta.resync
             self.stats.engines[engine] += len(delta)
             self.stats.bytes += sum(map(len, delta.upserts)) + sum(map(len, delta.deletes))
-        messages.append(Final(self.round, entries, deletes) if final
-                        else RoundEnd(self.round, entries, deletes))
         # Small rounds (the final delta above all) go in one write; big ones stream.
         group: list[Message] = []
         for message in messages:
@@ -231,6 +219,28 @@ class ScSender:
         if isinstance(message, Error):
             raise ScError(f"destination reported {message.code}: {message.reason}")
         return message
+
+
+def round_messages(deltas: dict[str, Delta], round_: int, max_frame_bytes: int,
+                   max_entries_per_frame: int, *, final: bool) -> list[Message]:
+    """The messages of one round, as the sender sends them: per engine a RESYNC if needed,
+    its deletions, its upserts, then ROUND_END (or FINAL) with the round's counts."""
+    messages: list[Message] = []
+    # Batches well below the frame limits: written one by one, a big round streams
+    # (bounded memory here) and the destination applies a batch while the next arrives.
+    limits = (min(max_frame_bytes, STREAM_BATCH_BYTES), max_entries_per_frame)
+    for engine, delta in deltas.items():
+        if delta.resync:
+            messages.append(Resync(engine, round_))
+        for batch in batch_entries(delta.deletes, *limits):
+            messages.append(Deletes(engine, round_, batch))
+        for batch in batch_entries(delta.upserts, *limits):
+            messages.append(Entries(engine, round_, batch))
+    entries = sum(len(delta.upserts) for delta in deltas.values())
+    deletes = sum(len(delta.deletes) for delta in deltas.values())
+    messages.append(Final(round_, entries, deletes) if final
+                    else RoundEnd(round_, entries, deletes))
+    return messages
 
 
 # -- destination ---------------------------------------------------------------------------
