@@ -217,6 +217,7 @@ def run_demo(*args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, An
     result = subprocess.run([NSEH, "demo", "--json", *args], capture_output=True, text=True,
                             timeout=600)
     assert not lab_namespaces(), "the demo left lab namespaces behind"
+    assert result.stdout, f"no JSON ({result.returncode}): {result.stderr[-3000:]}"
     return result, json.loads(result.stdout)
 
 
