@@ -566,7 +566,7 @@ def demo(
     skip_engine: Annotated[list[str] | None, typer.Option(
         "--skip-engine", help="Leave this security engine's state behind on the precopy "
                               "migration (repeatable: firewall, ips), to see what the "
-                              "destination does without it; the demo then fails.")] = None,
+                              "destination does without it.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Lab up, a VM behind a strict firewall and an IPS, live connections, an attacker, two

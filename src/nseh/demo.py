@@ -403,7 +403,8 @@ async def _demo(cluster: Cluster, console: Console, client_namespace: str,
             skip_engines if sc_mode == "precopy" else ())
         show(console, result)
         runs.append(result)
-        if result["report"]["result"] != "migrated" or result["vm_hosts"] != [destination]:
+        misplaced = result["report"]["result"] != "migrated" or result["vm_hosts"] != [destination]
+        if misplaced and sc_mode != MIGRATIONS[-1][0]:
             console.print(f"[red]{DEMO_VM.name} is not where the next migration starts: "
                           "the demo stops here[/]")
             break
