@@ -388,7 +388,7 @@ def run_demo(console: Console, skip_engines: Sequence[str] = ()) -> dict[str, An
 async def _demo(cluster: Cluster, console: Console, client_namespace: str,
                 skip_engines: Sequence[str]) -> list[dict[str, Any]]:
     vm = with_ips(DEMO_VM, DEMO_IPS)
-    with console.status(f"booting {vm.name} on h1 (first run also builds the guest image)"):
+    with console.status(f"booting {vm.name} on h1"):
         await cluster.call("h1", "vm.start", {"definition": vm.to_json()}, timeout=900)
     scan = DEMO_IPS.portscan
     console.print(f"{vm.name} runs on h1 at {vm.network.ipv4} / {vm.network.ipv6}, behind "
