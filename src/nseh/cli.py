@@ -697,14 +697,33 @@ def soak(
 
 
 @app.command()
-def demo(as_json: JsonOption = False) -> None:
-    """Lab up, a VM behind a strict firewall, live connections, a migration, lab down."""
-    from nseh.demo import run_demo
+def demo(
+    skip_engine: Annotated[list[str] | None, typer.Option(
+        "--skip-engine", help="Leave this security engine's state behind on the precopy "
+                              "migration (repeatable: firewall, ips), to see what the "
+                              "destination does without it.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Lab up, a VM behind a strict firewall and an IPS, live connections, an attacker, two
+    migrations (--sc none, then --sc precopy), lab down. Judges the run by its figures:
+    exit status 1 if any check failed (precopy lost a flow or the attacker's block, stock
+    migration did not break the TCP flows, a migration failed or left the VM elsewhere)."""
+    from nseh.demo import ENGINES, DemoError, run_demo
 
+    skipped = skip_engine or []
+    if unknown := [name for name in skipped if name not in ENGINES]:
+        fail(f"unknown security engine {unknown[0]!r} for --skip-engine (choose from "
+             f"{', '.join(ENGINES)})")
     tidy_up_on_sigterm()
-    result = run_demo(out if not as_json else err)
+    try:
+        result = run_demo(out if not as_json else err, skipped)
+    except (DemoError, AgentError) as exc:
+        fail(f"demo: {exc}")
     if as_json:
         print_json(result)
+    verdicts = result["verdicts"]
+    if failed := [v["check"] for v in verdicts if not v["passed"]]:
+        fail(f"demo: {len(failed)} of {len(verdicts)} checks failed: {', '.join(failed)}")
 
 
 @app.command()
