@@ -38,7 +38,7 @@ FLOATING = {4: "203.0.113.10", 6: "2001:db8:203::10"}
 PUBLIC_ROUTER = {4: lab.layout.PUBLIC_ROUTER4, 6: lab.layout.PUBLIC_ROUTER6}
 CLIENT4 = str(lab.client_ipv4(1))
 FLOWS = ["--tcp", f"{VM4}:7", "--tcp", f"[{VM6}]:7", "--udp", f"{VM4}:7", "--ping", VM4,
-         "--tcp", f"{FLOATING[4]}:7", "--tcp", f"[{FLOATING[6]}]:7"]
+         "--tcp", f"{FLOATING[4]}:7"]
 # A flow the VM itself opens: it sends a line every 100 ms to the client's echo server and
 # appends the echoes to a file.
 GUEST_FLOW = (f"(while :; do echo tick; sleep 0.1; done) | nc {CLIENT4} 7 >/tmp/echoes "
@@ -88,10 +88,10 @@ def test_precopy_keeps_every_flow_alive_there_and_back(web1, client_echo_server)
         assert flow["longest_gap_ms"] < 2000, flow
     for report in (there, back):
         sc = report["sc"]
-        # Client flows (tcp v4, tcp v6, udp, ping, tcp to both floating addresses) and the
+        # Client flows (tcp v4, tcp v6, udp, ping, tcp to the floating address) and the
         # guest's flow, at least.
-        assert sc["entries"] >= 7 and sc["rejected"] == 0, sc
-        assert sc["destination_entries"] >= 7, sc
+        assert sc["entries"] >= 6 and sc["rejected"] == 0, sc
+        assert sc["destination_entries"] >= 6, sc
         assert report["qemu"]["downtime_ms"] is not None
 
 
