@@ -55,3 +55,35 @@ def test_an_appended_second_tuple_cannot_smuggle_other_addresses():
     smuggled = inside + outside[4:]
     with pytest.raises(ConntrackFormatError, match="duplicate"):
         AddressScope(VM).reason_to_reject(smuggled)
+
+
+def natted(client: str, floating: str, vm: str, *, inbound: bool) -> bytes:
+    """A 1:1-NATed TCP entry as the kernel dumps it: `inbound`, client -> floating:7 with
+    replies from vm:7 (DNAT); else vm -> client:7 with replies to floating (SNAT)."""
+    if inbound:
+        entry, translated = make_entry(client, floating, "tcp", 40000, 7), \
+            make_entry(vm, client, "tcp", 7, 40000)
+    else:
+        entry, translated = make_entry(vm, client, "tcp", 40000, 7), \
+            make_entry(client, floating, "tcp", 7, 40000)
+    # The reply tuple is the second attribute (after the original tuple): take it from the
+    # translated connection's original tuple, which has the same layout.
+    start = 4 + int.from_bytes(entry[4:6], "little")
+    size = int.from_bytes(entry[start:start + 2], "little")
+    assert entry[start + 4:start + size] != translated[4 + 4:4 + size]
+    return entry[:start + 4] + translated[4 + 4:4 + size] + entry[start + size:]
+
+
+@pytest.mark.parametrize(("client", "floating", "vm"), [
+    ("198.51.100.7", "203.0.113.10", "10.0.0.10"),
+    ("2001:db8:1::7", "2001:db8:203::10", "fd00::10"),
+])
+def test_natted_entries_of_the_vm_are_in_scope_by_its_own_address(client, floating, vm):
+    scope = AddressScope(VM)
+    for inbound in (True, False):
+        entry = natted(client, floating, vm, inbound=inbound)
+        assert {str(a) for a in entry_addresses(entry)} == {client, floating, vm}
+        assert scope.reason_to_reject(entry) is None
+    # The floating address alone does not make a connection the VM's (the host's own).
+    reason = scope.reason_to_reject(make_entry(client, floating, "tcp", 40000, 7))
+    assert reason is not None and "none of the allowed addresses" in reason

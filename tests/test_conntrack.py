@@ -9,6 +9,7 @@ namespace they were created in, so the main thread never changes namespace::
         client 10.78.0.20, fd78::20 | bridge, nseh firewall | VM 10.78.0.10, fd78::10
     nsehtest-ctnc -- nsehtest-ctnh -- nsehtest-ctnv
         client 10.79.1.2 | router, 1:1 NAT: floating 10.79.9.10 <-> VM | VM 10.79.2.10
+        fd79:1::2               NAT66: floating fd79:9::10 <-> VM        fd79:2::10
 """
 
 from __future__ import annotations
@@ -771,25 +772,32 @@ table inet filter {
         ct state invalid counter name "invalid" drop
         ip daddr 10.79.2.10 tcp dport 8080 ct mark set 0x2a accept
         ip saddr 10.79.2.10 tcp dport 9090 ct mark set 0x2a accept
+        ip6 daddr fd79:2::10 tcp dport 8080 ct mark set 0x2a accept
+        ip6 saddr fd79:2::10 tcp dport 9090 ct mark set 0x2a accept
     }
 }
-table ip nat {
+table inet nat {
     chain prerouting {
         type nat hook prerouting priority dstnat;
-        ip daddr 10.79.9.10 dnat to 10.79.2.10
+        ip daddr 10.79.9.10 dnat ip to 10.79.2.10
+        ip6 daddr fd79:9::10 dnat ip6 to fd79:2::10
     }
     chain postrouting {
         type nat hook postrouting priority srcnat;
-        ip saddr 10.79.2.10 snat to 10.79.9.10
+        ip saddr 10.79.2.10 snat ip to 10.79.9.10
+        ip6 saddr fd79:2::10 snat ip6 to fd79:9::10
     }
 }
 """
+# IP version -> the nat lab's floating address, and the client's and VM's address.
+NAT_ADDRESSES = {4: ("10.79.9.10", "10.79.1.2", "10.79.2.10"),
+                 6: ("fd79:9::10", "fd79:1::2", "fd79:2::10")}
 
 
 @pytest.fixture(scope="module")
 def nat_lab() -> Iterator[Conntrack]:
-    """A router between client and VM that maps the floating IP 10.79.9.10 to the VM both
-    ways, with strict conntrack. Yields the router's conntrack table."""
+    """A router between client and VM that maps the floating IPs 10.79.9.10 and fd79:9::10
+    to the VM both ways, with strict conntrack. Yields the router's conntrack table."""
     names = (NAT_HOST, NAT_VM, NAT_CLIENT)
     delete_namespaces(*names)
     table: Conntrack | None = None
@@ -797,19 +805,24 @@ def nat_lab() -> Iterator[Conntrack]:
         for name in names:
             sh("ip", "netns", "add", name)
             sh("ip", "-n", name, "link", "set", "lo", "up")
-        for port, peer, host_address, address in (("n-cl", NAT_CLIENT, "10.79.1.1", "10.79.1.2"),
-                                                  ("n-vm", NAT_VM, "10.79.2.1", "10.79.2.10")):
+        for name in names:  # addresses usable at once
+            in_ns(name, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+        for port, peer, net in (("n-cl", NAT_CLIENT, 1), ("n-vm", NAT_VM, 2)):
             sh("ip", "-n", NAT_HOST, "link", "add", port, "type", "veth", "peer", "name", "eth0",
                "netns", peer)
-            sh("ip", "-n", NAT_HOST, "addr", "add", f"{host_address}/24", "dev", port)
             sh("ip", "-n", NAT_HOST, "link", "set", port, "up")
-            sh("ip", "-n", peer, "addr", "add", f"{address}/24", "dev", "eth0")
             sh("ip", "-n", peer, "link", "set", "eth0", "up")
-            sh("ip", "-n", peer, "route", "add", "default", "via", host_address)
+            host_part = 2 if net == 1 else 10
+            for router, address, prefixlen in ((f"10.79.{net}.1", f"10.79.{net}.{host_part}", 24),
+                                               (f"fd79:{net}::1", f"fd79:{net}::{host_part}", 64)):
+                sh("ip", "-n", NAT_HOST, "addr", "add", f"{router}/{prefixlen}", "dev", port)
+                sh("ip", "-n", peer, "addr", "add", f"{address}/{prefixlen}", "dev", "eth0")
+                sh("ip", "-n", peer, "route", "add", "default", "via", router)
         # Untranslated packets to the floating IP head for the VM, into the invalid drop.
         sh("ip", "-n", NAT_HOST, "route", "add", "10.79.9.10/32", "via", "10.79.2.10")
+        sh("ip", "-n", NAT_HOST, "route", "add", "fd79:9::10/128", "via", "fd79:2::10")
         in_ns(NAT_HOST, "sysctl", "-qw", "net.ipv4.ip_forward=1",
-              "net.netfilter.nf_conntrack_tcp_loose=0")
+              "net.ipv6.conf.all.forwarding=1", "net.netfilter.nf_conntrack_tcp_loose=0")
         subprocess.run(["ip", "netns", "exec", NAT_HOST, "nft", "-f", "-"], input=NAT_RULES,
                        text=True, check=True, capture_output=True, timeout=30)
         table = call_in_namespace(NAT_HOST, Conntrack)
@@ -820,14 +833,18 @@ def nat_lab() -> Iterator[Conntrack]:
         delete_namespaces(*names)
 
 
-def test_natted_connections_survive_flush_and_reinsert(nat_lab: Conntrack) -> None:
+@pytest.mark.parametrize("version", [4, 6])
+def test_natted_connections_survive_flush_and_reinsert(nat_lab: Conntrack, version: int) -> None:
+    floating, client, vm = NAT_ADDRESSES[version]
+    nat_lab.flush(MARK_A)  # closed connections of the other version linger
     vm_server, client_server = EchoServer(NAT_VM, 8080), EchoServer(NAT_CLIENT, 9090)
     connections: list[socket.socket] = []
     try:
-        connections = [connect(NAT_CLIENT, "10.79.9.10", 8080),  # DNAT to the VM
-                       connect(NAT_VM, "10.79.1.2", 9090)]  # SNAT from the floating IP
+        connections = [connect(NAT_CLIENT, floating, 8080),  # DNAT to the VM
+                       connect(NAT_VM, client, 9090)]  # SNAT from the floating IP
         saved = survives_a_conntrack_flush(nat_lab, MARK_A, connections)
         assert {status_of(e) & 0x30 for e in saved} == {0x10, 0x20}  # one SNAT, one DNAT
+        assert {str(a) for e in saved for a in entry_addresses(e)} >= {floating, client, vm}
         # The re-inserted entries translate exactly like the originals.
         again = {entry_key(e): attrs(e, 4)[2] for e in nat_lab.dump(MARK_A)}
         assert again == {entry_key(e): attrs(e, 4)[2] for e in saved}

@@ -13,6 +13,7 @@ memory_mib = 256
 ipv4 = "10.0.0.10/24"
 ipv6 = "fd00::10/64"
 floating_ipv4 = "203.0.113.10"
+floating_ipv6 = "2001:db8:203::10"
 [[policy.inbound]]
 proto = "tcp"
 ports = [7, 80]
@@ -34,6 +35,8 @@ def test_a_good_definition_loads(tmp_path):
     assert [str(a) for a in vm.addresses] == ["10.0.0.10", "fd00::10"]
     assert vm.policy.inbound[0].ports == (7, 80)
     assert str(vm.network.floating_ipv4) == "203.0.113.10"
+    assert [(str(floating), str(interface)) for floating, interface in vm.network.floating] == [
+        ("203.0.113.10", "10.0.0.10/24"), ("2001:db8:203::10", "fd00::10/64")]
     assert vm.mac.startswith("52:54:00:") and vm.mac == load_definition(
         write(tmp_path, GOOD)).mac
 
@@ -61,6 +64,18 @@ def test_the_name_can_be_given_outside_the_file(tmp_path):
      "inside the VM's own network 10.0.0.0/24"),
     ('name = "a"\n[network]\nipv4 = "10.0.0.1/24"\nfloating_ipv4 = "fd00::9"',
      "network.floating_ipv4"),
+    ('name = "a"\n[network]\nipv4 = "10.0.0.1/24"\nfloating_ipv6 = "2001:db8:203::9"',
+     "floating_ipv6 needs an ipv6 address"),
+    ('name = "a"\n[network]\nipv6 = "fd00::1/64"\nfloating_ipv6 = "fd00::9"',
+     "inside the VM's own network fd00::/64"),
+    ('name = "a"\n[network]\nipv6 = "fd00::1/64"\nfloating_ipv6 = "203.0.113.9"',
+     "network.floating_ipv6"),
+    ('name = "a"\n[network]\nipv6 = "fd00::1/64"\nfloating_ipv6 = "fe80::9"',
+     "floating_ipv6 fe80::9 is not a unicast address a host can own"),
+    ('name = "a"\n[network]\nipv6 = "fd00::1/64"\nfloating_ipv6 = "ff02::1"',
+     "floating_ipv6 ff02::1 is not a unicast address"),
+    ('name = "a"\n[network]\nipv4 = "10.0.0.1/24"\nfloating_ipv4 = "224.0.0.1"',
+     "floating_ipv4 224.0.0.1 is not a unicast address"),
     # Found by tests/test_fuzz.py: a RecursionError, a ValueError, and a line break that the
     # message quoted from a key.
     ("a = " + "[" * 3000, "not valid TOML: nested too deeply"),

@@ -180,10 +180,13 @@ def conntrack_list(mark: int | None = None) -> str:
     return in_ns(HOST, *args).stdout
 
 
-def definition(floating: str | None = None, name: str = "web1", **policy: Any) -> VMDefinition:
+def definition(floating: str | None = None, name: str = "web1", floating6: str | None = None,
+               **policy: Any) -> VMDefinition:
     network = {"ipv4": f"{VM4}/24", "ipv6": f"{VM6}/64"}
     if floating:
         network["floating_ipv4"] = floating
+    if floating6:
+        network["floating_ipv6"] = floating6
     return VMDefinition.from_json({"name": name, "network": network, "policy": policy})
 
 
@@ -301,20 +304,36 @@ def test_mark_out_of_range(mark: int) -> None:
         render_vm_policy(definition(), mark)
 
 
-def test_floating_address_renders_a_1_to_1_nat() -> None:
-    commands = render_vm_policy(definition(floating="203.0.113.10"), 1)
-    assert _rules(commands, "vm_web1_dnat") == [[{"dnat": {"family": "ip", "addr": VM4}}]]
-    assert _rules(commands, "vm_web1_snat") == [[
-        {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
-                   "right": {"prefix": {"addr": "10.77.0.0", "len": 24}}}},
-        {"snat": {"family": "ip", "addr": "203.0.113.10"}}]]
+@pytest.mark.parametrize(("version", "protocol", "floating", "address", "network"), [
+    (4, "ip", "203.0.113.10", VM4, "10.77.0.0"),
+    (6, "ip6", "2001:db8:203::10", VM6, "fd77::"),
+])
+def test_floating_address_renders_a_1_to_1_nat(version: int, protocol: str, floating: str,
+                                               address: str, network: str) -> None:
+    vm = definition(**{"floating" if version == 4 else "floating6": floating})
+    commands = render_vm_policy(vm, 1)
+    dnat, snat = f"vm_web1_dnat{version}", f"vm_web1_snat{version}"
+    assert _rules(commands, dnat) == [[{"dnat": {"family": protocol, "addr": address}}]]
+    assert _rules(commands, snat) == [[
+        {"match": {"op": "!=", "left": {"payload": {"protocol": protocol, "field": "daddr"}},
+                   "right": {"prefix": {"addr": network, "len": 24 if version == 4 else 64}}}},
+        {"snat": {"family": protocol, "addr": floating}}]]
     elements = _elements(commands)
-    assert elements["dnat4"] == [["203.0.113.10", {"goto": {"target": "vm_web1_dnat"}}]]
-    assert elements["snat4"] == [[VM4, {"goto": {"target": "vm_web1_snat"}}]]
-    assert "dnat4" not in _elements(render_vm_policy(definition(), 1))
-    nat_in = _rules(render_base(), "nat_in")
-    assert nat_in == [[{"vmap": {"key": {"payload": {"protocol": "ip", "field": "daddr"}},
-                                 "data": "@dnat4"}}]]
+    assert elements[f"dnat{version}"] == [[floating, {"goto": {"target": dnat}}]]
+    assert elements[f"snat{version}"] == [[address, {"goto": {"target": snat}}]]
+    other = 6 if version == 4 else 4  # only the family that has a floating address
+    assert f"dnat{other}" not in elements and f"snat{other}" not in elements
+    assert not any(name.endswith("nat4") or name.endswith("nat6")
+                   for name in _elements(render_vm_policy(definition(), 1)))
+
+
+def test_nat_base_chains_dispatch_both_families() -> None:
+    commands = render_base()
+    for chain, field, kind in (("nat_in", "daddr", "dnat"), ("nat_out", "saddr", "snat")):
+        assert _rules(commands, chain) == [
+            [{"vmap": {"key": {"payload": {"protocol": protocol, "field": field}},
+                       "data": f"@{kind}{version}"}}]
+            for version, protocol in ((4, "ip"), (6, "ip6"))]
 
 
 def test_removal_commands() -> None:
@@ -345,10 +364,13 @@ def test_nft_accepts_rendered_json(scratch_ns: str, tmp_path: Path) -> None:
         "install-remove": render_base() + render_vm_policy(vm, MARK) + render_vm_removal(
             "web1", [ipaddress.ip_address(VM4), ipaddress.ip_address(VM6)]),
         "floating-install-remove": render_base() + render_vm_policy(
-            definition(floating="203.0.113.10", **LAB_POLICY), MARK) + render_vm_removal(
+            definition(floating="203.0.113.10", floating6="2001:db8:203::10", **LAB_POLICY),
+            MARK) + render_vm_removal(
             "web1", [ipaddress.ip_address(VM4), ipaddress.ip_address(VM6)],
             {"dnat4": {ipaddress.ip_address("203.0.113.10")},
-             "snat4": {ipaddress.ip_address(VM4)}}),
+             "snat4": {ipaddress.ip_address(VM4)},
+             "dnat6": {ipaddress.ip_address("2001:db8:203::10")},
+             "snat6": {ipaddress.ip_address(VM6)}}),
     }
     for label, commands in batches.items():
         path = tmp_path / f"{label}.json"
@@ -532,19 +554,28 @@ def nat_listing() -> str:
 
 
 def test_floating_address_nat_is_installed_replaced_and_removed(firewall: Any) -> None:
-    firewall.install_vm(definition(floating="203.0.113.10", **LAB_POLICY), MARK)
+    firewall.install_vm(definition(floating="203.0.113.10", floating6="2001:db8:203::10",
+                                   **LAB_POLICY), MARK)
     listing = nat_listing()
-    assert "203.0.113.10 : goto vm_web1_dnat" in listing
-    assert f"{VM4} : goto vm_web1_snat" in listing
+    assert "203.0.113.10 : goto vm_web1_dnat4" in listing
+    assert f"{VM4} : goto vm_web1_snat4" in listing
+    assert "2001:db8:203::10 : goto vm_web1_dnat6" in listing
+    assert f"{VM6} : goto vm_web1_snat6" in listing
     firewall.install_vm(definition(floating="203.0.113.11", **LAB_POLICY), MARK)
     listing = nat_listing()
-    assert "203.0.113.11 : goto vm_web1_dnat" in listing and "203.0.113.10" not in listing
+    assert "203.0.113.11 : goto vm_web1_dnat4" in listing and "203.0.113.10" not in listing
+    assert "vm_web1_dnat6" not in listing and "2001:db8:203::10" not in listing
     with pytest.raises(FirewallError, match=r"floating address 203\.0\.113\.11 belongs to web1"):
         firewall.install_vm(VMDefinition.from_json({"name": "web2", "network": {
             "ipv4": "10.77.0.11/24", "floating_ipv4": "203.0.113.11"}}), MARK + 1)
+    firewall.install_vm(definition(floating6="2001:db8:203::11", **LAB_POLICY), MARK)
+    with pytest.raises(FirewallError, match=r"floating address 2001:db8:203::11 belongs to web1"):
+        firewall.install_vm(VMDefinition.from_json({"name": "web2", "network": {
+            "ipv6": "fd77::11/64", "floating_ipv6": "2001:db8:203::11"}}), MARK + 1)
     firewall.install_vm(definition(**LAB_POLICY), MARK)  # no floating address any more
-    assert "vm_web1_dnat" not in nat_listing() and "vm_web1_snat" not in nat_listing()
-    firewall.install_vm(definition(floating="203.0.113.10", **LAB_POLICY), MARK)
+    assert "_dnat" not in nat_listing() and "_snat" not in nat_listing()
+    firewall.install_vm(definition(floating="203.0.113.10", floating6="2001:db8:203::10",
+                                   **LAB_POLICY), MARK)
     firewall.remove_vm("web1")
     assert "vm_web1" not in in_ns(HOST, "nft", "list", "table", "inet", "nseh").stdout
 

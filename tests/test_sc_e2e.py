@@ -5,12 +5,14 @@ it they do not. Real VMs, real firewalls, real flows from a client namespace."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from labtools import (
@@ -31,10 +33,12 @@ from nseh.lab.probe import STALL_LIMIT, Probe
 pytestmark = pytest.mark.lab
 
 VM4, VM6 = "10.0.0.10", "fd00::10"
-FLOATING4 = "203.0.113.10"  # examples/web1.toml: its host 1:1-NATs it to VM4
+# examples/web1.toml: its host 1:1-NATs them to VM4 and VM6.
+FLOATING = {4: "203.0.113.10", 6: "2001:db8:203::10"}
+PUBLIC_ROUTER = {4: lab.layout.PUBLIC_ROUTER4, 6: lab.layout.PUBLIC_ROUTER6}
 CLIENT4 = str(lab.client_ipv4(1))
 FLOWS = ["--tcp", f"{VM4}:7", "--tcp", f"[{VM6}]:7", "--udp", f"{VM4}:7", "--ping", VM4,
-         "--tcp", f"{FLOATING4}:7"]
+         "--tcp", f"{FLOATING[4]}:7"]
 # A flow the VM itself opens: it sends a line every 100 ms to the client's echo server and
 # appends the echoes to a file.
 GUEST_FLOW = (f"(while :; do echo tick; sleep 0.1; done) | nc {CLIENT4} 7 >/tmp/echoes "
@@ -165,24 +169,44 @@ def test_without_sc_strict_tcp_flows_break(web1, client_echo_server):
     migrate("h1", "precopy")
 
 
-def owns_floating(host: str) -> bool:
-    listing = subprocess.run(["ip", "-n", f"nseh-{host}", "-4", "addr", "show",
-                              lab.layout.HOST_PUBLIC_LINK], capture_output=True, text=True,
-                             check=True).stdout
-    return f"inet {FLOATING4}/32" in listing
+def ip_json(namespace: str, *args: str) -> Any:
+    return json.loads(subprocess.run(["ip", "-j", "-n", namespace, *args], capture_output=True,
+                                     text=True, check=True).stdout)
 
 
-def source_address_seen_outside() -> str:
+def owns_floating(host: str, version: int) -> bool:
+    floating = ipaddress.ip_address(FLOATING[version])
+    # Lists nothing at all, not even the link, when it has no address of that family.
+    links = ip_json(f"nseh-{host}", f"-{version}", "addr", "show", lab.layout.HOST_PUBLIC_LINK)
+    return any((info["local"], info["prefixlen"]) == (str(floating), floating.max_prefixlen)
+               for link in links for info in link["addr_info"])
+
+
+def public_mac(host: str) -> str:
+    return str(ip_json(f"nseh-{host}", "link", "show", lab.layout.HOST_PUBLIC_LINK)[0]["address"])
+
+
+def router_neighbour(address: str) -> str | None:
+    """The MAC the public router (through which the clients reach floating addresses) holds
+    for `address`."""
+    entries = ip_json(lab.FABRIC_NAMESPACE, "neigh", "show", address, "dev",
+                      lab.layout.FABRIC_PUBLIC_BRIDGE)
+    return entries[0].get("lladdr") if entries else None
+
+
+def source_address_seen_outside(version: int) -> str:
     """The source address of a connection the guest opens to the public router, as the
     router sees it."""
+    listen = "TCP-LISTEN" if version == 4 else "TCP6-LISTEN"
+    router = PUBLIC_ROUTER[version]
     server = subprocess.Popen(lab.netns_exec_argv(lab.FABRIC_NAMESPACE, [
-        "socat", "-T5", "TCP-LISTEN:7,reuseaddr", "SYSTEM:echo $SOCAT_PEERADDR"]))
+        "socat", "-T5", f"{listen}:7,reuseaddr", "SYSTEM:echo $SOCAT_PEERADDR"]))
     try:
         for _ in range(20):
-            result = nseh_json("vm", "exec", "web1", "--",
-                               f"socat -T3 - TCP:{lab.layout.PUBLIC_ROUTER4}:7 </dev/null")
+            target = f"TCP:{router}:7" if version == 4 else f"TCP6:[{router}]:7"
+            result = nseh_json("vm", "exec", "web1", "--", f"socat -T3 - {target} </dev/null")
             if seen := result["output"].strip():
-                return seen
+                return str(ipaddress.ip_address(seen.strip("[]")))  # socat writes v6 in full
             time.sleep(0.2)  # the listener was not up yet
         return ""
     finally:
@@ -190,18 +214,30 @@ def source_address_seen_outside() -> str:
         server.wait()
 
 
-def test_the_floating_address_moves_with_the_vm(web1):
+@pytest.mark.parametrize("version", [4, 6])
+def test_the_floating_address_moves_with_the_vm(web1, version):
+    floating = FLOATING[version]
+    target = f"{floating}:7" if version == 4 else f"[{floating}]:7"
     source = vm_host("web1")
     destination = "h2" if source == "h1" else "h1"
-    assert owns_floating(source) and not owns_floating(destination)
-    assert source_address_seen_outside() == FLOATING4
-    migrate(destination, "precopy")
-    assert owns_floating(destination) and not owns_floating(source)
-    # The guest's own connections to other networks leave with the floating address, now
-    # from the destination's 1:1 NAT.
-    assert source_address_seen_outside() == FLOATING4
-    migrate(source, "precopy")
-    assert owns_floating(source) and not owns_floating(destination)
+    assert owns_floating(source, version) and not owns_floating(destination, version)
+    assert source_address_seen_outside(version) == floating
+    for there, back in ((destination, source), (source, destination)):
+        with Probe(lab.client_namespace(1), ["--tcp", target]) as probe:
+            assert probe.wait_ready()
+            migrate(there, "precopy")
+            # The new owner's announcement (gratuitous ARP, or an unsolicited neighbour
+            # advertisement) replaced the router's entry at once, not after its NUD timeout.
+            assert router_neighbour(floating) == public_mac(there)
+            assert owns_floating(there, version) and not owns_floating(back, version)
+            time.sleep(2)
+            flows = probe.finish()
+        assert len(flows) == 1, flows
+        assert flows[0]["alive"] and flows[0]["error"] is None, flows
+        assert flows[0]["longest_gap_ms"] < 2000, flows
+        # The guest's own connections to other networks leave with the floating address,
+        # now from the new host's 1:1 NAT.
+        assert source_address_seen_outside(version) == floating
 
 
 def lab_conntrack_count(namespace: str, address: str) -> int:

@@ -56,6 +56,7 @@ app.add_typer(ips_app, name="ips")
 out = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
+FLOATING_FIELDS = ("floating_ipv4", "floating_ipv6")  # of a VM as the agents describe it
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 InventoryOption = Annotated[
@@ -329,7 +330,7 @@ def vm_start(
         print_json(vm)
     else:
         addresses = " ".join(filter(None, (vm["ipv4"], vm["ipv6"])))
-        floating = f", floating {vm['floating_ipv4']}" if vm.get("floating_ipv4") else ""
+        floating = "".join(f", floating {vm[key]}" for key in FLOATING_FIELDS if vm.get(key))
         out.print(f"{vm['name']} runs on {vm['host']} ({addresses}{floating})")
 
 
@@ -355,7 +356,8 @@ def vm_list(inventory: InventoryOption = None, as_json: JsonOption = False) -> N
         table = Table("name", "host", "state", "ipv4", "ipv6", "floating", "mac")
         for vm in sorted(vms, key=lambda v: (v["name"], v["host"])):
             table.add_row(vm["name"], vm["host"], vm["state"], vm["ipv4"] or "",
-                          vm["ipv6"] or "", vm.get("floating_ipv4") or "", vm["mac"])
+                          vm["ipv6"] or "",
+                          " ".join(vm[key] for key in FLOATING_FIELDS if vm.get(key)), vm["mac"])
         out.print(table)
     for host, why in unreachable.items():
         err.print(f"[yellow]warning:[/] host {host}: {escape(why)}", highlight=False)

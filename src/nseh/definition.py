@@ -10,6 +10,7 @@ A definition is a TOML file written by the operator, for example::
     ipv6 = "fd00::10/64"
     gateway4 = "10.0.0.1"
     floating_ipv4 = "203.0.113.10"   # optional public address the host 1:1-NATs to ipv4
+    floating_ipv6 = "2001:db8:203::10"   # optional, likewise (NAT66) to ipv6
 
     [[policy.inbound]]          # allow rules; everything else is dropped
     proto = "tcp"
@@ -66,6 +67,9 @@ class DefinitionError(ValueError):
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -153,19 +157,37 @@ class Network(_Strict):
     gateway4: ipaddress.IPv4Address | None = None
     gateway6: ipaddress.IPv6Address | None = None
     mac: str | None = Field(default=None, pattern=r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
-    # A public address the VM's host owns and 1:1-NATs to `ipv4`; the guest never sees it.
+    # Public addresses the VM's host owns and 1:1-NATs to `ipv4` / `ipv6`; the guest never
+    # sees them.
     floating_ipv4: ipaddress.IPv4Address | None = None
+    floating_ipv6: ipaddress.IPv6Address | None = None
+
+    def _floating_fields(self) -> list[tuple[str, IPAddress | None, IPInterface | None]]:
+        return [("floating_ipv4", self.floating_ipv4, self.ipv4),
+                ("floating_ipv6", self.floating_ipv6, self.ipv6)]
+
+    @property
+    def floating(self) -> list[tuple[IPAddress, IPInterface]]:
+        """Each floating address with the VM's interface address it translates to."""
+        return [(floating, interface) for _, floating, interface in self._floating_fields()
+                if floating is not None and interface is not None]
 
     @model_validator(mode="after")
     def _has_an_address(self) -> Network:
         if self.ipv4 is None and self.ipv6 is None:
             raise ValueError("a VM needs an ipv4 or an ipv6 address")
-        if self.floating_ipv4 is not None:
-            if self.ipv4 is None:
-                raise ValueError("floating_ipv4 needs an ipv4 address to translate to")
-            if self.floating_ipv4 in self.ipv4.network:
-                raise ValueError(f"floating_ipv4 {self.floating_ipv4} is inside the VM's own "
-                                 f"network {self.ipv4.network}")
+        for field, floating, interface in self._floating_fields():
+            if floating is None:
+                continue
+            if interface is None:
+                raise ValueError(f"{field} needs an ipv{floating.version} address to "
+                                 "translate to")
+            if (floating.is_multicast or floating.is_loopback or floating.is_link_local
+                    or floating.is_unspecified):
+                raise ValueError(f"{field} {floating} is not a unicast address a host can own")
+            if floating in interface.network:
+                raise ValueError(f"{field} {floating} is inside the VM's own "
+                                 f"network {interface.network}")
         if self.mac is not None and int(self.mac[:2], 16) & 1:
             raise ValueError(f"mac {self.mac} is a multicast address")
         return self

@@ -28,13 +28,17 @@ conntrack in the `bridge` family). The host table `inet nseh` looks like this::
                               <allow rules> accept; jump vm_<name>_in_tail; counter ... drop }
         chain vm_<name>_in_head / vm_<name>_in_tail     # hook chains, see below
 
-        # Floating IPs (1:1 NAT), for VMs that have one:
-        map dnat4 { type ipv4_addr : verdict }   # floating address -> goto vm_<name>_dnat
-        map snat4 { type ipv4_addr : verdict }   # VM address -> goto vm_<name>_snat
-        chain nat_in  { type nat hook prerouting priority dstnat; ip daddr vmap @dnat4 }
-        chain nat_out { type nat hook postrouting priority srcnat; ip saddr vmap @snat4 }
-        chain vm_<name>_dnat { dnat ip to <VM address> }
-        chain vm_<name>_snat { ip daddr != <VM network> snat ip to <floating address> }
+        # Floating IPs (1:1 NAT, NAT66 for IPv6), for VMs that have one:
+        map dnat4 { type ipv4_addr : verdict }   # floating address -> goto vm_<name>_dnat4
+        map snat4 { type ipv4_addr : verdict }   # VM address -> goto vm_<name>_snat4
+        map dnat6 / snat6                        # the same for IPv6
+        chain nat_in  { type nat hook prerouting priority dstnat;
+                        ip daddr vmap @dnat4; ip6 daddr vmap @dnat6 }
+        chain nat_out { type nat hook postrouting priority srcnat;
+                        ip saddr vmap @snat4; ip6 saddr vmap @snat6 }
+        chain vm_<name>_dnat4 { dnat ip to <VM address> }
+        chain vm_<name>_snat4 { ip daddr != <VM network> snat ip to <floating address> }
+        chain vm_<name>_dnat6 / vm_<name>_snat6  # the same with ip6
     }
 
 Only packets that open a connection reach a VM's chains, so `ct mark set` marks exactly the
@@ -81,8 +85,8 @@ TABLE = "nseh"
 BASE_CHAIN = "forward"
 NAT_IN_CHAIN = "nat_in"
 NAT_OUT_CHAIN = "nat_out"
-DNAT_MAP = "dnat4"
-SNAT_MAP = "snat4"
+DNAT = "dnat"
+SNAT = "snat"
 INVALID_COUNTER = "invalid_drops"
 MARK_MAX = 0xFFFFFFFF
 
@@ -92,7 +96,11 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Neighbour discovery is untracked by conntrack and bridged through the ip6 hooks, so without
 # this rule IPv6 address resolution between VMs and the fabric would hit the policy drop.
 _ND_TYPES = ("nd-neighbor-solicit", "nd-neighbor-advert", "nd-router-solicit", "nd-router-advert")
-_VM_CHAIN = re.compile(r"^vm_([a-z][a-z0-9-]{0,10})_(in|out|dnat|snat)$")
+_VM_CHAIN = re.compile(r"^vm_([a-z][a-z0-9-]{0,10})_(in|out|[ds]nat[46])$")
+_NAT_MAP = re.compile(r"^[ds]nat[46]$")
+# IP version -> the nft protocol (payload, NAT family) and the map key type.
+_PROTOCOL = {4: "ip", 6: "ip6"}
+_KEY_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 _BRIDGE_SYSCTLS = ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables")
 _BRIDGE_SYSCTL_DIR = Path("/proc/sys/net/bridge")
 
@@ -106,7 +114,8 @@ class FirewallError(RuntimeError):
 
 
 def vm_chain(name: str, direction: str) -> str:
-    """Name of a VM's inbound ("in"), outbound ("out"), "dnat" or "snat" chain."""
+    """Name of a VM's inbound ("in"), outbound ("out") or NAT chain (named like the NAT map
+    that leads to it: "dnat4", "snat6", ...)."""
     return f"vm_{name}_{direction}"
 
 
@@ -122,6 +131,7 @@ def vm_drop_counter(name: str, direction: str) -> str:
 
 
 def _map_name(direction: str, version: int) -> str:
+    """"out4", "in6", "dnat4", "snat6", ..."""
     return f"{direction}{version}"
 
 
@@ -154,8 +164,8 @@ def render_base() -> list[dict[str, Any]]:
         {"add": {"table": {"family": FAMILY, "name": TABLE}}},
         {"add": {"counter": _obj(name=INVALID_COUNTER)}},
     ]
-    for direction in ("out", "in"):
-        for version, key_type in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+    for direction in ("out", "in", DNAT, SNAT):
+        for version, key_type in _KEY_TYPE.items():
             commands.append({"add": {"map": _obj(
                 name=_map_name(direction, version), type=key_type, map="verdict")}})
     chain = _obj(name=BASE_CHAIN)
@@ -173,27 +183,32 @@ def render_base() -> list[dict[str, Any]]:
          {"counter": INVALID_COUNTER}, {"drop": None}],
     ]
     for direction, field in (("out", "saddr"), ("in", "daddr")):
-        for version, protocol in ((4, "ip"), (6, "ip6")):
-            rules.append([{"vmap": {"key": _payload(protocol, field),
-                                    "data": "@" + _map_name(direction, version)}}])
-    for version, protocol in ((4, "ip"), (6, "ip6")):
+        rules += _dispatch(direction, field)
+    for version, protocol in _PROTOCOL.items():
         rules.append([_match(_payload(protocol, "saddr"), "@" + _map_name("out", version)),
                       {"accept": None}])
     commands += [{"add": {"rule": {**in_chain, "expr": expr}}} for expr in rules]
-    for chain_name, hook, prio, field, map_name in (
-        (NAT_IN_CHAIN, "prerouting", -100, "daddr", DNAT_MAP),
-        (NAT_OUT_CHAIN, "postrouting", 100, "saddr", SNAT_MAP),
+    for chain_name, hook, prio, field, kind in (
+        (NAT_IN_CHAIN, "prerouting", -100, "daddr", DNAT),
+        (NAT_OUT_CHAIN, "postrouting", 100, "saddr", SNAT),
     ):
         nat_chain = _obj(name=chain_name)
         commands += [
-            {"add": {"map": _obj(name=map_name, type="ipv4_addr", map="verdict")}},
             {"add": {"chain": {**nat_chain, "type": "nat", "hook": hook, "prio": prio,
                                "policy": "accept"}}},
             {"flush": {"chain": nat_chain}},
-            {"add": {"rule": {**_obj(chain=chain_name), "expr": [
-                {"vmap": {"key": _payload("ip", field), "data": "@" + map_name}}]}}},
         ]
+        commands += [{"add": {"rule": {**_obj(chain=chain_name), "expr": expr}}}
+                     for expr in _dispatch(kind, field)]
     return commands
+
+
+def _dispatch(direction: str, field: str) -> list[list[dict[str, Any]]]:
+    """Rules that send packets to VM chains by address, through the maps of `direction`
+    (one per IP version)."""
+    return [[{"vmap": {"key": _payload(protocol, field),
+                       "data": "@" + _map_name(direction, version)}}]
+            for version, protocol in _PROTOCOL.items()]
 
 
 def _rule_exprs(rule: Rule, peer_field: str) -> list[list[dict[str, Any]]]:
@@ -215,7 +230,7 @@ def _rule_exprs(rule: Rule, peer_field: str) -> list[list[dict[str, Any]]]:
     for version, networks in families:
         family_match: list[dict[str, Any]] = []
         if networks:
-            protocol = "ip" if version == 4 else "ip6"
+            protocol = _PROTOCOL[version]
             family_match.append(_match(_payload(protocol, peer_field),
                                        _one_or_set([_network_value(n) for n in networks])))
         elif version is not None:
@@ -289,27 +304,28 @@ def render_vm_policy(definition: VMDefinition, mark: int) -> list[dict[str, Any]
 
 
 def _render_floating(definition: VMDefinition) -> list[dict[str, Any]]:
-    """The 1:1 NAT between a VM's floating address and its own IPv4 address, if it has one."""
-    floating, interface = definition.network.floating_ipv4, definition.network.ipv4
-    if floating is None or interface is None:
-        return []
-    name = definition.name
+    """The 1:1 NAT between each floating address of a VM and its own address of that IP
+    version (NAT66 for IPv6), if it has any."""
     commands: list[dict[str, Any]] = []
-    for kind, key, exprs in (
-        ("dnat", floating, [{"dnat": {"family": "ip", "addr": str(interface.ip)}}]),
-        # Traffic within the VM's own network keeps the VM's address.
-        ("snat", interface.ip, [
-            _match(_payload("ip", "daddr"), _network_value(interface.network), op="!="),
-            {"snat": {"family": "ip", "addr": str(floating)}}]),
-    ):
-        chain = vm_chain(name, kind)
-        commands += [
-            {"add": {"chain": _obj(name=chain)}},
-            {"flush": {"chain": _obj(name=chain)}},
-            {"add": {"rule": {**_obj(chain=chain), "expr": exprs}}},
-            {"add": {"element": _obj(name=DNAT_MAP if kind == "dnat" else SNAT_MAP,
-                                     elem=[[str(key), {"goto": {"target": chain}}]])}},
-        ]
+    for floating, interface in definition.network.floating:
+        protocol = _PROTOCOL[floating.version]
+        for kind, key, exprs in (
+            (DNAT, floating, [{"dnat": {"family": protocol, "addr": str(interface.ip)}}]),
+            # Traffic within the VM's own network keeps the VM's address.
+            (SNAT, interface.ip, [
+                _match(_payload(protocol, "daddr"), _network_value(interface.network),
+                       op="!="),
+                {"snat": {"family": protocol, "addr": str(floating)}}]),
+        ):
+            map_name = _map_name(kind, floating.version)
+            chain = vm_chain(definition.name, map_name)
+            commands += [
+                {"add": {"chain": _obj(name=chain)}},
+                {"flush": {"chain": _obj(name=chain)}},
+                {"add": {"rule": {**_obj(chain=chain), "expr": exprs}}},
+                {"add": {"element": _obj(name=map_name,
+                                         elem=[[str(key), {"goto": {"target": chain}}]])}},
+            ]
     return commands
 
 
@@ -320,15 +336,15 @@ def _element_removal(address: IPAddress) -> list[dict[str, Any]]:
 
 
 def _nat_removal(name: str, nat_keys: dict[str, set[IPAddress]]) -> list[dict[str, Any]]:
-    """Commands that remove a VM's 1:1 NAT: its NAT map elements, then its NAT chains."""
+    """Commands that remove a VM's 1:1 NAT: its NAT map elements, then the NAT chains they
+    lead to (each named like its map)."""
     commands: list[dict[str, Any]] = []
     for map_name, keys in sorted(nat_keys.items()):
         commands += [{"delete": {"element": _obj(name=map_name, elem=[str(key)])}}
                      for key in sorted(keys, key=str)]
-    if nat_keys:
-        for kind in ("dnat", "snat"):
-            chain = _obj(name=vm_chain(name, kind))
-            commands += [{"flush": {"chain": chain}}, {"delete": {"chain": chain}}]
+    for map_name in sorted(nat_keys):
+        chain = _obj(name=vm_chain(name, map_name))
+        commands += [{"flush": {"chain": chain}}, {"delete": {"chain": chain}}]
     return commands
 
 
@@ -362,7 +378,7 @@ class _TableState:
         self.marks: dict[str, int] = {}
         self.addresses: dict[str, set[IPAddress]] = {}
         self.counters: dict[str, int] = {}
-        # VM -> NAT map name -> keys (floating addresses in dnat4, VM addresses in snat4).
+        # VM -> NAT map name -> keys (floating addresses in dnat4/6, VM addresses in snat4/6).
         self.nat_keys: dict[str, dict[str, set[IPAddress]]] = {}
         vm_names: set[str] = set()
         for item in listing:
@@ -380,7 +396,7 @@ class _TableState:
                     address = ipaddress.ip_address(key)
                     if map_name.startswith("out"):
                         self.addresses.setdefault(found.group(1), set()).add(address)
-                    elif map_name in (DNAT_MAP, SNAT_MAP):
+                    elif _NAT_MAP.match(map_name):
                         self.nat_keys.setdefault(found.group(1), {}).setdefault(
                             map_name, set()).add(address)
             elif "rule" in item and (found := _VM_CHAIN.match(item["rule"]["chain"])):
@@ -444,11 +460,12 @@ class Firewall:
                 if other != definition.name and (taken := addresses & set(definition.addresses)):
                     raise FirewallError(f"install VM {definition.name}: address "
                                         f"{min(taken, key=str)} belongs to {other}")
-            floating = definition.network.floating_ipv4
-            for other, nat_keys in state.nat_keys.items():
-                if other != definition.name and floating in nat_keys.get(DNAT_MAP, set()):
-                    raise FirewallError(f"install VM {definition.name}: floating address "
-                                        f"{floating} belongs to {other}")
+            for floating, _ in definition.network.floating:
+                for other, nat_keys in state.nat_keys.items():
+                    owned = nat_keys.get(_map_name(DNAT, floating.version), set())
+                    if other != definition.name and floating in owned:
+                        raise FirewallError(f"install VM {definition.name}: floating address "
+                                            f"{floating} belongs to {other}")
             installed = state.addresses.get(definition.name, set())
             stale = installed - set(definition.addresses)
             removal = [c for address in sorted(stale, key=str) for c in _element_removal(address)]

@@ -271,35 +271,31 @@ class HostAgent:
             if addr in taken:
                 raise ApiError("exists", f"address {addr} is already used by VM "
                                          f"{taken[addr]!r} on host {self.host}")
-        floating = definition.network.floating_ipv4
-        if floating is not None:
+        for floating, _ in definition.network.floating:
             if self.config.public_interface is None:
                 raise ApiError("no-public-interface",
                                f"VM {definition.name} has floating address {floating}, but host "
                                f"{self.host} has no public_interface in its agent config")
             for vm in self.vms.values():
-                if vm.definition.network.floating_ipv4 == floating:
+                if any(floating == other for other, _ in vm.definition.network.floating):
                     raise ApiError("exists", f"floating address {floating} is already used "
                                              f"by VM {vm.name!r} on host {self.host}")
 
     async def _claim_floating(self, vm: VM) -> None:
-        """Own and announce the VM's floating address here (it runs here now)."""
-        network = vm.definition.network
-        if network.floating_ipv4 is None or network.ipv4 is None:
-            return
-        assert self.config.public_interface is not None  # checked before the VM was created
-        await asyncio.to_thread(claim_floating, network.floating_ipv4, network.ipv4.ip,
-                                self.config.public_interface, self.config.vm_bridge)
-        log.info("VM %s: floating address %s claimed and announced on %s", vm.name,
-                 network.floating_ipv4, self.config.public_interface)
+        """Own and announce the VM's floating addresses here (it runs here now)."""
+        for floating, interface in vm.definition.network.floating:
+            assert self.config.public_interface is not None  # checked when the VM was created
+            await asyncio.to_thread(claim_floating, floating, interface.ip,
+                                    self.config.public_interface, self.config.vm_bridge)
+            log.info("VM %s: floating address %s claimed and announced on %s", vm.name,
+                     floating, self.config.public_interface)
 
     async def _release_floating(self, vm: VM) -> None:
-        network = vm.definition.network
-        if (network.floating_ipv4 is None or network.ipv4 is None
-                or self.config.public_interface is None):
+        if self.config.public_interface is None:
             return
-        await asyncio.to_thread(release_floating, network.floating_ipv4, network.ipv4.ip,
-                                self.config.public_interface)
+        for floating, interface in vm.definition.network.floating:
+            await asyncio.to_thread(release_floating, floating, interface.ip,
+                                    self.config.public_interface)
 
     def _free_mark(self) -> int:
         used = {vm.mark for vm in self.vms.values()} | set(self.firewall.installed_vms().values())

@@ -219,6 +219,7 @@ class VM:
             "ipv4": str(net.ipv4) if net.ipv4 else None,
             "ipv6": str(net.ipv6) if net.ipv6 else None,
             "floating_ipv4": str(net.floating_ipv4) if net.floating_ipv4 else None,
+            "floating_ipv6": str(net.floating_ipv6) if net.floating_ipv6 else None,
             "mac": self.definition.mac, "memory_mib": self.definition.memory_mib,
             "mark": self.mark, "pid": self.pid(), "accel": self.accel,
         }

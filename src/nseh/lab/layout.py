@@ -21,8 +21,9 @@ FABRIC_NAMESPACE = "nseh-fabric"
 # Fabric switch bridges.
 FABRIC_VM_BRIDGE = "vmnet"
 FABRIC_MGMT_BRIDGE = "mgmt"
-# The "internet" side: the router owns PUBLIC_ROUTER4 on it and routes between it and the VM
-# network; hosts own their VMs' floating addresses (from PUBLIC_SUBNET4) on it.
+# The "internet" side: the router owns PUBLIC_ROUTER4 and PUBLIC_ROUTER6 on it and routes
+# between it and the VM network; hosts own their VMs' floating addresses (from PUBLIC_SUBNET4
+# and PUBLIC_SUBNET6) on it.
 FABRIC_PUBLIC_BRIDGE = "public"
 # The router address sits on vmnet; a fixed MAC keeps it from changing as ports come and go
 # (a bridge otherwise takes the lowest port MAC), which would leave stale neighbour entries.
@@ -45,6 +46,8 @@ MGMT_SUBNET4 = IPv4Network("10.99.0.0/24")
 MGMT_SUBNET6 = IPv6Network("fd99::/64")
 PUBLIC_SUBNET4 = IPv4Network("203.0.113.0/24")  # TEST-NET-3
 PUBLIC_ROUTER4 = IPv4Address("203.0.113.1")
+PUBLIC_SUBNET6 = IPv6Network("2001:db8:203::/64")  # in the documentation prefix
+PUBLIC_ROUTER6 = IPv6Address("2001:db8:203::1")
 
 LAB_DIR = LAB_INVENTORY.parent
 LAB_STATE_FILE = LAB_DIR / "lab.json"

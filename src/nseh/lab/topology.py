@@ -28,9 +28,10 @@ _HOST_SYSCTLS = {
     "net.bridge.bridge-nf-call-iptables": "1",
     "net.bridge.bridge-nf-call-ip6tables": "1",
     "net.ipv4.ip_forward": "1",
+    "net.ipv6.conf.all.forwarding": "1",
 }
 # The fabric routes between the VM network and the public one.
-_FABRIC_SYSCTLS = {"net.ipv4.ip_forward": "1"}
+_FABRIC_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
 
 
 def lab_namespaces() -> list[str]:
@@ -118,7 +119,8 @@ def build_fabric(hosts: int, clients: int) -> None:
         _add_addresses(ipr, vmnet, (str(layout.ROUTER4), layout.VM_SUBNET4.prefixlen),
                        (str(layout.ROUTER6), layout.VM_SUBNET6.prefixlen))
         _add_addresses(ipr, public,
-                       (str(layout.PUBLIC_ROUTER4), layout.PUBLIC_SUBNET4.prefixlen))
+                       (str(layout.PUBLIC_ROUTER4), layout.PUBLIC_SUBNET4.prefixlen),
+                       (str(layout.PUBLIC_ROUTER6), layout.PUBLIC_SUBNET6.prefixlen))
     set_sysctls(layout.FABRIC_NAMESPACE, _FABRIC_SYSCTLS)
 
 
