@@ -34,6 +34,7 @@ from nseh.lab.processes import pid_alive
 pytestmark = pytest.mark.lab
 
 VM4, VM6, FLOATING4 = "10.0.0.10", "fd00::10", "203.0.113.10"
+FLOATING6 = "2001:db8:203::10"
 FLOWS = ["--tcp", f"{VM4}:7", "--tcp", f"[{VM6}]:7", "--tcp", f"{FLOATING4}:7",
          "--udp", f"{VM4}:7", "--ping", VM4]
 HOLD_SECONDS = 6
@@ -198,8 +199,8 @@ def holds_nothing_of_web1(host: str) -> None:
     assert "web1" not in in_host(host, "nft", "list", "ruleset")
     for address in (VM4, VM6):
         assert not conntrack_lines(host, address), conntrack_lines(host, address)
-    addresses = in_host(host, "ip", "-4", "addr", "show", layout.HOST_PUBLIC_LINK)
-    assert FLOATING4 not in addresses
+    addresses = in_host(host, "ip", "addr", "show", layout.HOST_PUBLIC_LINK)
+    assert FLOATING4 not in addresses and FLOATING6 not in addresses
 
 
 def check_report(report: dict | None, source: str, final: str) -> None:
