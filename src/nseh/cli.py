@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 class OneLineErrors(TyperGroup):
     """The last resort behind the commands' own error handling: Ctrl-C (and the SIGTERM that
     `tidy_up_on_sigterm` turns into it) ends with one line and exit status 130; any other
-    unexpected exception with one line and status 1, its traceback in ERROR_LOG."""
+    unexpected exception with one line and status 1, its traceback in `error_log()`."""
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
@@ -123,9 +123,9 @@ def save_traceback(exc: Exception) -> str:
 
 
 def needs_root(command: str) -> None:
-    """Refuse before anything happens: `command` builds the lab (namespaces, QEMU, nftables)."""
+    """Refuse before anything happens: `command` builds or removes a lab."""
     if os.geteuid() != 0:
-        fail(f"nseh {command} needs root (it builds the lab: namespaces, QEMU, nftables)")
+        fail(f"nseh {command} needs root (the lab is namespaces, QEMU and nftables)")
 
 
 def needs_installed(programs: dict[str, str]) -> None:
