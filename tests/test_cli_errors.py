@@ -265,13 +265,6 @@ def test_the_agent_names_a_missing_program_before_it_starts(files: Path,
 # -- on a running lab --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def web1(running_lab) -> Iterator[str]:
-    nseh("vm", "start", "web1", "--host", "h1", "--definition", str(EXAMPLE_VM))
-    yield "web1"
-    nseh("vm", "stop", "web1", check=False)
-
-
 @contextlib.contextmanager
 def lab_unchanged() -> Iterator[None]:
     """Nothing left behind on the lab either: the same VMs on the same hosts."""
