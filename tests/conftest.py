@@ -5,6 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 from hypothesis import settings
+from labtools import EXAMPLE_VM, nseh
 
 from nseh import lab
 
@@ -29,3 +30,11 @@ def running_lab() -> Iterator[lab.LabStatus]:
         yield lab.up(hosts=2, clients=2)
     finally:
         lab.down()
+
+
+@pytest.fixture(scope="module")
+def web1(running_lab) -> Iterator[str]:
+    """The example VM (examples/web1.toml) running on h1 of the module's lab."""
+    nseh("vm", "start", "web1", "--host", "h1", "--definition", str(EXAMPLE_VM))
+    yield "web1"
+    nseh("vm", "stop", "web1", check=False)

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 from labtools import (
-    EXAMPLE_VM,
     client_connect,
     migrate,
     nseh,
@@ -43,13 +42,6 @@ FLOWS = ["--tcp", f"{VM4}:7", "--tcp", f"[{VM6}]:7", "--udp", f"{VM4}:7", "--pin
 # appends the echoes to a file.
 GUEST_FLOW = (f"(while :; do echo tick; sleep 0.1; done) | nc {CLIENT4} 7 >/tmp/echoes "
               "2>&1 &")
-
-
-@pytest.fixture(scope="module")
-def web1(running_lab) -> Iterator[str]:
-    nseh("vm", "start", "web1", "--host", "h1", "--definition", str(EXAMPLE_VM))
-    yield "web1"
-    nseh("vm", "stop", "web1", check=False)
 
 
 @pytest.fixture

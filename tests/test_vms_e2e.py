@@ -48,13 +48,6 @@ ports = [7]
 
 
 @pytest.fixture(scope="module")
-def web1(running_lab) -> Iterator[str]:
-    nseh("vm", "start", "web1", "--host", "h1", "--definition", str(EXAMPLE_VM))
-    yield "web1"
-    nseh("vm", "stop", "web1", check=False)
-
-
-@pytest.fixture(scope="module")
 def strict_vm(running_lab, tmp_path_factory) -> Iterator[str]:
     path = tmp_path_factory.mktemp("vm") / "strict.toml"
     path.write_text(STRICT_VM)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
+import traceback
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,20 +26,43 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from typer.core import TyperGroup
 
 from nseh.api.client import AgentError
 from nseh.cluster import Cluster
 from nseh.definition import DefinitionError, load_definition
 from nseh.guest.image import CACHE_ENV, DEFAULT_CACHE_DIR
 from nseh.inventory import Inventory, InventoryError
+from nseh.oneline import one_line
+from nseh.prerequisites import BENCH_PROGRAMS, LAB_PROGRAMS, MissingPrerequisite, require
 from nseh.sc.pki import PkiError
 
 if TYPE_CHECKING:
     from nseh.guest.image import CachedImage
     from nseh.lab import LabStatus
 
+
+class OneLineErrors(TyperGroup):
+    """The last resort behind the commands' own error handling: Ctrl-C (and the SIGTERM that
+    `tidy_up_on_sigterm` turns into it) ends with one line and exit status 130; any other
+    unexpected exception with one line and status 1, its traceback in `error_log()`."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # exit statuses and usage errors: typer reports them
+        except KeyboardInterrupt:
+            print_error("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            print_error(f"internal error: {type(exc).__name__}: {one_line(str(exc))} "
+                        f"({save_traceback(exc)})")
+            raise typer.Exit(1) from None
+
+
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False,
-                  add_completion=False)
+                  add_completion=False, cls=OneLineErrors)
 lab_app = typer.Typer(help="The embedded one-machine lab: hosts and clients as namespaces.",
                       no_args_is_help=True)
 vm_app = typer.Typer(help="Start, stop, list VMs and run commands inside them.",
@@ -67,9 +92,57 @@ InventoryOption = Annotated[
 ]
 
 
-def fail(message: str) -> NoReturn:
+def print_error(message: str) -> None:
     err.print(f"[bold red]nseh: error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def fail(message: str) -> NoReturn:
+    print_error(message)
     raise typer.Exit(1)
+
+
+def describe(exc: Exception) -> str:
+    """An expected error as one line; an OSError as 'path: what went wrong'."""
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return one_line(str(exc))
+
+
+def error_log() -> Path:
+    """Where tracebacks of internal errors go: $XDG_STATE_HOME/nseh if set, else
+    /var/log/nseh for root and ~/.local/state/nseh for other users."""
+    if state := os.environ.get("XDG_STATE_HOME"):
+        return Path(state) / "nseh" / "errors.log"
+    if os.geteuid() == 0:
+        return Path("/var/log/nseh/errors.log")
+    return Path.home() / ".local" / "state" / "nseh" / "errors.log"
+
+
+def save_traceback(exc: Exception) -> str:
+    """Append the command line and `exc`'s traceback to the error log; say where (or why
+    not) for the error line."""
+    log = error_log()
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as file:
+            file.write(f"{datetime.now(UTC).isoformat(timespec='seconds')} "
+                       f"{' '.join(sys.argv)}\n{''.join(traceback.format_exception(exc))}\n")
+    except OSError as why:
+        return f"traceback not saved: cannot write {log}: {why.strerror}"
+    return f"traceback in {log}"
+
+
+def needs_root(command: str) -> None:
+    """Refuse before anything happens: `command` builds or removes a lab."""
+    if os.geteuid() != 0:
+        fail(f"nseh {command} needs root (the lab is namespaces, QEMU and nftables)")
+
+
+def needs_installed(programs: dict[str, str]) -> None:
+    try:
+        require(programs)
+    except MissingPrerequisite as exc:
+        fail(str(exc))
 
 
 def tidy_up_on_sigterm() -> None:
@@ -119,6 +192,8 @@ def lab_up(hosts: Annotated[int, typer.Option(help="Hypervisor hosts to create."
     """Create the lab: hosts (with their agents) and clients joined by a fabric switch."""
     from nseh import lab
 
+    needs_root("lab up")
+    needs_installed(LAB_PROGRAMS)
     try:
         with err.status(f"creating a lab of {hosts} hosts and {clients} clients") as spinner:
             status = lab.up(hosts=hosts, clients=clients, guest_cache=guest_cache,
@@ -133,6 +208,7 @@ def lab_down() -> None:
     """Remove the lab: every namespace, link, process and file it made (VMs included)."""
     from nseh import lab
 
+    needs_root("lab down")
     try:
         with err.status("removing the lab"):
             lab.down()
@@ -348,8 +424,12 @@ def vm_stop(name: str, inventory: InventoryOption = None, as_json: JsonOption = 
 
 @vm_app.command("list")
 def vm_list(inventory: InventoryOption = None, as_json: JsonOption = False) -> None:
-    """List the VMs of every host."""
-    vms, unreachable = run(cluster(inventory).list_vms())
+    """List the VMs of every host (exit status 1 if no host's agent answered)."""
+    nodes = cluster(inventory)
+    vms, unreachable = run(nodes.list_vms())
+    if unreachable and unreachable.keys() == nodes.inventory.hosts.keys():
+        fail("no host's agent answered: " + "; ".join(f"{host}: {why}" for host, why
+                                                         in sorted(unreachable.items())))
     if as_json:
         print_json({"vms": vms, "unreachable": unreachable})
     else:
@@ -480,8 +560,8 @@ def pki_init(directory: Annotated[Path, typer.Argument(help="Where the CA's file
 
     try:
         ca = create_ca(directory, name=name)
-    except PkiError as exc:
-        fail(str(exc))
+    except (PkiError, OSError) as exc:  # OSError: writing its files
+        fail(describe(exc))
     out.print(f"CA created: {ca.cert_path}")
 
 
@@ -500,8 +580,8 @@ def pki_issue(
     try:
         creds = issue_host_certificate(CertAuthority.load(ca_dir), host, address or [], out_dir,
                                        valid_days=days)
-    except (PkiError, ValueError) as exc:
-        fail(str(exc))
+    except (PkiError, ValueError, OSError) as exc:
+        fail(describe(exc))
     out.print(f'tls_cert = "{creds.cert_path}"\ntls_key = "{creds.key_path}"\n'
               f'tls_ca = "{creds.ca_path}"\ntls_revoked = "{creds.revoked_path}"')
 
@@ -515,8 +595,8 @@ def pki_revoke(certificate: Annotated[Path, typer.Argument(help="The certificate
 
     try:
         serial = CertAuthority.load(ca_dir).revoke(certificate)
-    except PkiError as exc:
-        fail(str(exc))
+    except (PkiError, OSError) as exc:  # OSError: writing its files
+        fail(describe(exc))
     out.print(f"revoked serial {serial:#x}; copy {ca_dir / 'revoked.txt'} to every host")
 
 
@@ -549,7 +629,8 @@ def migrate(
     """Live-migrate a VM to another host, with its security context; report the cost."""
     c = cluster(inventory)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TimeElapsedColumn(), console=err, transient=True) as progress:
+                  TimeElapsedColumn(), console=err, transient=True,
+                  disable=not err.is_terminal) as progress:  # else it leaves an empty line
         task = progress.add_task(f"migrating {vm} to {to}", total=None)
 
         def on_event(event: dict[str, Any]) -> None:
@@ -641,11 +722,8 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Benchmark real migrations on its own lab (needs root): downtime and cost of the SC."""
-    import os
-
     from nseh import lab
     from nseh.bench.matrix import BenchConfigError, configure
-    from nseh.bench.runner import BenchError, run_bench, show_summary
 
     try:
         config = configure(quick=quick, sizes=sizes, workloads=workloads, modes=modes,
@@ -653,12 +731,14 @@ def bench(
                            out=out_dir)
     except BenchConfigError as exc:
         fail(str(exc))
-    if os.geteuid() != 0:
-        fail("nseh bench needs root (it builds the lab: namespaces, QEMU, nftables)")
+    needs_root("bench")
+    needs_installed(BENCH_PROGRAMS)
+    from nseh.bench.runner import BenchError, run_bench, show_summary  # loads matplotlib
+
     tidy_up_on_sigterm()
     try:
         out_path, summary = run_bench(config, err)
-    except (BenchError, lab.LabError, AgentError) as exc:
+    except (BenchError, lab.LabError, AgentError, InventoryError) as exc:
         fail(str(exc))
     if as_json:
         print_json(summary)
@@ -678,12 +758,15 @@ def soak(
     """Migrate a VM with live connections back and forth on a lab of its own; check that no
     connection is lost and nothing piles up (conntrack, nft objects, processes, agent fds
     and memory). Exit status 1 if anything did."""
+    from nseh import lab
     from nseh.soak import SoakError, run_soak
 
+    needs_root("soak")
+    needs_installed(LAB_PROGRAMS)
     tidy_up_on_sigterm()
     try:
         result = run_soak(migrations, err if as_json else out)
-    except SoakError as exc:
+    except (SoakError, lab.LabError, AgentError, InventoryError) as exc:
         fail(str(exc))
     if as_json:
         print_json(result)
@@ -710,16 +793,19 @@ def demo(
     migrations (--sc none, then --sc precopy), lab down. Judges the run by its figures:
     exit status 1 if any check failed (precopy lost a flow or the attacker's block, stock
     migration did not break the TCP flows, a migration failed or left the VM elsewhere)."""
+    from nseh import lab
     from nseh.demo import ENGINES, DemoError, run_demo
 
     skipped = skip_engine or []
     if unknown := [name for name in skipped if name not in ENGINES]:
         fail(f"unknown security engine {unknown[0]!r} for --skip-engine (choose from "
              f"{', '.join(ENGINES)})")
+    needs_root("demo")
+    needs_installed(LAB_PROGRAMS)
     tidy_up_on_sigterm()
     try:
         result = run_demo(out if not as_json else err, skipped)
-    except (DemoError, AgentError) as exc:
+    except (DemoError, AgentError, lab.LabError, InventoryError) as exc:
         fail(f"demo: {exc}")
     if as_json:
         print_json(result)
@@ -732,7 +818,9 @@ def demo(
 def agent(config: Annotated[Path, typer.Option(help="Agent configuration (TOML).")],
           log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO") -> None:
     """Run this host's agent in the foreground (what a systemd unit would start)."""
-    sys.argv = ["nseh-agent", "--config", str(config), "--log-level", log_level]
-    from nseh.agent.__main__ import main
+    from nseh.agent.__main__ import AgentStartError, run_agent
 
-    main()
+    try:
+        run_agent(config, log_level)
+    except AgentStartError as exc:
+        fail(str(exc))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nseh.api.protocol import MAX_MESSAGE_BYTES
 from nseh.definition import DEFAULT_MAX_POLICY_RULES
@@ -76,6 +76,12 @@ class AgentConfig(BaseModel):
     tls_ca: Path | None = None
     tls_revoked: Path | None = None  # serial numbers the cluster CA revoked, one per line
     limits: Limits = Limits()
+
+    @model_validator(mode="after")
+    def _api_port_needs_tls(self) -> AgentConfig:
+        if self.api_port is not None and self.credentials() is None:
+            raise ValueError("api_port needs tls_cert, tls_key and tls_ca")
+        return self
 
     def credentials(self) -> HostCredentials | None:
         """The host's SC-channel credentials, or None if TLS is not configured."""

@@ -101,8 +101,7 @@ class HostAgent:
         api = ApiServer(self.handlers(), limits.api_request_bytes)
         servers = [await api.serve_unix(self.config.api_socket)]
         if self.config.api_port is not None:
-            if self.credentials is None:
-                raise SystemExit("api_port needs tls_cert, tls_key and tls_ca")
+            assert self.credentials is not None  # AgentConfig refuses api_port without TLS
             servers.append(await api.serve_tls(str(self.config.management_address),
                                                self.config.api_port, self.credentials))
         log.info("agent for host %s serving on %s%s (accel %s, %d VMs); SC channel %s",

@@ -28,6 +28,8 @@ from nseh.guest.image import GuestImage
 
 log = logging.getLogger(__name__)
 
+QMP_CONNECT_TIMEOUT = 5.0  # for QEMU's QMP greeting
+
 
 class VMError(RuntimeError):
     """A VM operation failed; one-line message."""
@@ -118,16 +120,21 @@ class VM:
         output, _ = await proc.communicate()
         if proc.returncode != 0:
             lines = output.decode(errors="replace").strip().splitlines()
+            # A daemonized QEMU reports what failed after its fork in its log (-D).
+            said = lines[-1] if lines else self.qemu_said(lines=1)
             raise VMError(f"QEMU for {self.name} failed to start: "
-                          f"{lines[-1] if lines else f'exit status {proc.returncode}'}")
+                          f"{said or f'exit status {proc.returncode}'}")
         self.launched = True
 
     @contextlib.asynccontextmanager
     async def qmp(self) -> AsyncIterator[QMPClient]:
         client = QMPClient(f"nseh-{self.name}")
         try:
-            await asyncio.wait_for(client.connect(str(self.files.qmp)), 5)
-        except (OSError, QMPError, TimeoutError) as exc:
+            await asyncio.wait_for(client.connect(str(self.files.qmp)), QMP_CONNECT_TIMEOUT)
+        except TimeoutError:
+            raise VMError(f"cannot reach QEMU of {self.name} over QMP: no answer in "
+                          f"{QMP_CONNECT_TIMEOUT:g} s") from None
+        except (OSError, QMPError) as exc:
             raise VMError(f"cannot reach QEMU of {self.name} over QMP: {exc}") from None
         try:
             yield client
