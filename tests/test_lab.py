@@ -283,14 +283,23 @@ def test_down_cleans_a_half_made_lab(clean: None) -> None:
 
 
 @pytest.mark.lab
-def test_up_undoes_its_work_when_it_fails(
+def test_a_set_up_failure_midway_is_one_line_and_undone(
         clean: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_client(index: int) -> None:
-        raise RuntimeError("injected failure")
+    # Midway (namespaces made, fabric and h1 built), a link takes the name of h2's VM bridge
+    # in nseh-h2 just before the lab creates it there: the kernel refuses the bridge.
+    build_host = topology.build_host
 
-    monkeypatch.setattr(topology, "build_client", broken_client)
-    with pytest.raises(RuntimeError, match="injected failure"):
-        lab.up(2, 1, start_agents=False)
+    def occupied_first(index: int) -> None:
+        if index == 2:
+            subprocess.run(["ip", "-n", "nseh-h2", "link", "add", lab.HOST_VM_BRIDGE, "type",
+                            "dummy"], check=True)
+        build_host(index)
+
+    monkeypatch.setattr(topology, "build_host", occupied_first)
+    with pytest.raises(lab.LabError) as err:
+        lab.up(2, 2)
+    assert str(err.value) == (f"cannot create bridge {lab.HOST_VM_BRIDGE} in nseh-h2: File "
+                              "exists; the lab was removed")
     assert_lab_gone()
 
 

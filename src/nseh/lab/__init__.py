@@ -52,6 +52,7 @@ from nseh.lab.state import (
     LabState,
     LabStatus,
     load_state,
+    one_line,
     save_state,
 )
 from nseh.sc.pki import CertAuthority, create_ca, issue_host_certificate
@@ -135,13 +136,14 @@ def up(hosts: int = 2, clients: int = 1, start_agents: bool = True) -> LabStatus
         shutil.rmtree(layout.FAILED_UP_DIR, ignore_errors=True)
         try:
             _build(hosts, clients, start_agents)
-        except LabError as exc:
+        except Exception as exc:
             kept_logs = _keep_agent_logs()
             _teardown()
-            if not kept_logs:
-                raise
-            # The message names logs under LAB_DIR, which is gone now: point at the copies.
-            message = str(exc).replace(f"{LAB_DIR}/", f"{layout.FAILED_UP_DIR}/")
+            message = str(exc) if isinstance(exc, LabError) else (
+                f"lab set-up failed: {type(exc).__name__}: {one_line(str(exc))}")
+            # A message may name logs under LAB_DIR, which is gone now: point at the copies.
+            if kept_logs:
+                message = message.replace(f"{LAB_DIR}/", f"{layout.FAILED_UP_DIR}/")
             raise LabError(f"{message}; the lab was removed") from exc
         except BaseException:
             _teardown()
