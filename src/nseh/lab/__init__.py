@@ -52,9 +52,9 @@ from nseh.lab.state import (
     LabState,
     LabStatus,
     load_state,
-    one_line,
     save_state,
 )
+from nseh.oneline import one_line
 from nseh.sc.pki import CertAuthority, create_ca, issue_host_certificate
 
 __all__ = [
@@ -140,7 +140,7 @@ def up(hosts: int = 2, clients: int = 1, start_agents: bool = True) -> LabStatus
             kept_logs = _keep_agent_logs()
             _teardown()
             message = str(exc) if isinstance(exc, LabError) else (
-                f"lab set-up failed: {type(exc).__name__}: {one_line(str(exc))}")
+                f"lab set-up failed: {type(exc).__name__}: {one_line(str(exc).strip())}")
             # A message may name logs under LAB_DIR, which is gone now: point at the copies.
             if kept_logs:
                 message = message.replace(f"{LAB_DIR}/", f"{layout.FAILED_UP_DIR}/")

@@ -15,12 +15,6 @@ class LabError(RuntimeError):
     """A lab operation that cannot be done; the message is one line."""
 
 
-def one_line(text: str) -> str:
-    """`text` (e.g. a tool's stderr or an exception's message) with its whitespace and line
-    breaks folded into single spaces, for a LabError."""
-    return " ".join(text.split())
-
-
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -16,7 +16,8 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from nseh.lab import layout
-from nseh.lab.state import LabError, one_line
+from nseh.lab.state import LabError
+from nseh.oneline import one_line
 
 # In every lab namespace: no IPv6 DAD, so v6 addresses are usable at once. Set before any
 # link exists there, so every link inherits it from `default`.
@@ -52,7 +53,7 @@ def failing_as(what: str) -> Iterator[None]:
     except NetlinkError as exc:
         raise LabError(f"cannot {what}: {os.strerror(exc.code)}") from exc
     except (OSError, RuntimeError, ValueError, IndexError) as exc:
-        detail = one_line(str(exc)) or type(exc).__name__
+        detail = one_line(str(exc).strip()) or type(exc).__name__
         raise LabError(f"cannot {what}: {detail}") from exc
 
 
@@ -70,7 +71,7 @@ def create_namespace(name: str) -> None:
                             check=False)
     if result.returncode != 0:
         raise LabError(f"cannot create network namespace {name}: "
-                       f"{one_line(result.stderr) or f'status {result.returncode}'}")
+                       f"{one_line(result.stderr.strip()) or f'status {result.returncode}'}")
     path = f"/run/netns/{name}"
     with failing_as(f"create network namespace {name}"):
         mounted = os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev
