@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pyroute2.netlink.exceptions import NetlinkError
 
 from nseh import lab
 from nseh.inventory import LAB_INVENTORY, Inventory
@@ -93,6 +94,19 @@ def lab_2x2() -> Iterator[lab.LabStatus]:
 def test_netns_exec_argv() -> None:
     assert lab.netns_exec_argv("nseh-c1", ["ping", "x"]) == [
         "ip", "netns", "exec", "nseh-c1", "ping", "x"]
+
+
+def test_set_up_failures_become_one_lab_error_line(tmp_path: Path) -> None:
+    with pytest.raises(lab.LabError) as err, topology.failing_as("create bridge x in ns"):
+        raise NetlinkError(17, "File exists")
+    assert str(err.value) == "cannot create bridge x in ns: File exists"
+    missing = tmp_path / "no-such-namespace"
+    with pytest.raises(lab.LabError) as err, topology.failing_as("set up ns"):
+        missing.open()
+    assert str(err.value) == f"cannot set up ns: [Errno 2] No such file or directory: '{missing}'"
+    with pytest.raises(lab.LabError) as err, topology.failing_as("set up ns"):
+        raise TimeoutError("no response from the child pid 1\nkilled")
+    assert str(err.value) == "cannot set up ns: no response from the child pid 1\\nkilled"
 
 
 def test_addresses_follow_the_contract() -> None:
