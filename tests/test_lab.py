@@ -306,7 +306,7 @@ def test_a_set_up_failure_midway_is_one_line_and_undone(
     def occupied_first(index: int) -> None:
         if index == 2:
             subprocess.run(["ip", "-n", "nseh-h2", "link", "add", lab.HOST_VM_BRIDGE, "type",
-                            "dummy"], check=True)
+                            "bridge"], check=True)
         build_host(index)
 
     monkeypatch.setattr(topology, "build_host", occupied_first)
