@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pyroute2.netlink.exceptions import NetlinkError
 
 from nseh import lab
 from nseh.inventory import LAB_INVENTORY, Inventory
@@ -93,6 +94,19 @@ def lab_2x2() -> Iterator[lab.LabStatus]:
 def test_netns_exec_argv() -> None:
     assert lab.netns_exec_argv("nseh-c1", ["ping", "x"]) == [
         "ip", "netns", "exec", "nseh-c1", "ping", "x"]
+
+
+def test_set_up_failures_become_one_lab_error_line(tmp_path: Path) -> None:
+    with pytest.raises(lab.LabError) as err, topology.failing_as("create bridge x in ns"):
+        raise NetlinkError(17, "File exists")
+    assert str(err.value) == "cannot create bridge x in ns: File exists"
+    missing = tmp_path / "no-such-namespace"
+    with pytest.raises(lab.LabError) as err, topology.failing_as("set up ns"):
+        missing.open()
+    assert str(err.value) == f"cannot set up ns: [Errno 2] No such file or directory: '{missing}'"
+    with pytest.raises(lab.LabError) as err, topology.failing_as("set up ns"):
+        raise TimeoutError("no response from the child pid 1\nkilled")
+    assert str(err.value) == "cannot set up ns: no response from the child pid 1\\nkilled"
 
 
 def test_addresses_follow_the_contract() -> None:
@@ -283,14 +297,23 @@ def test_down_cleans_a_half_made_lab(clean: None) -> None:
 
 
 @pytest.mark.lab
-def test_up_undoes_its_work_when_it_fails(
+def test_a_set_up_failure_midway_is_one_line_and_undone(
         clean: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_client(index: int) -> None:
-        raise RuntimeError("injected failure")
+    # Midway (namespaces made, fabric and h1 built), a link takes the name of h2's VM bridge
+    # in nseh-h2 just before the lab creates it there: the kernel refuses the bridge.
+    build_host = topology.build_host
 
-    monkeypatch.setattr(topology, "build_client", broken_client)
-    with pytest.raises(RuntimeError, match="injected failure"):
-        lab.up(2, 1, start_agents=False)
+    def occupied_first(index: int) -> None:
+        if index == 2:
+            subprocess.run(["ip", "-n", "nseh-h2", "link", "add", lab.HOST_VM_BRIDGE, "type",
+                            "bridge"], check=True)
+        build_host(index)
+
+    monkeypatch.setattr(topology, "build_host", occupied_first)
+    with pytest.raises(lab.LabError) as err:
+        lab.up(2, 2)
+    assert str(err.value) == (f"cannot create bridge {lab.HOST_VM_BRIDGE} in nseh-h2: File "
+                              "exists; the lab was removed")
     assert_lab_gone()
 
 

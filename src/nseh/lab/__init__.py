@@ -56,6 +56,7 @@ from nseh.lab.state import (
     load_state,
     save_state,
 )
+from nseh.oneline import one_line
 from nseh.sc.pki import CertAuthority, create_ca, issue_host_certificate
 
 __all__ = [
@@ -147,13 +148,14 @@ def up(hosts: int = 2, clients: int = 1, start_agents: bool = True,
         shutil.rmtree(layout.FAILED_UP_DIR, ignore_errors=True)
         try:
             _build(hosts, clients, start_agents, guest_cache)
-        except LabError as exc:
+        except Exception as exc:
             kept_logs = _keep_agent_logs()
             _teardown()
-            if not kept_logs:
-                raise
-            # The message names logs under LAB_DIR, which is gone now: point at the copies.
-            message = str(exc).replace(f"{LAB_DIR}/", f"{layout.FAILED_UP_DIR}/")
+            message = str(exc) if isinstance(exc, LabError) else (
+                f"lab set-up failed: {type(exc).__name__}: {one_line(str(exc).strip())}")
+            # A message may name logs under LAB_DIR, which is gone now: point at the copies.
+            if kept_logs:
+                message = message.replace(f"{LAB_DIR}/", f"{layout.FAILED_UP_DIR}/")
             raise LabError(f"{message}; the lab was removed") from exc
         except BaseException:
             _teardown()

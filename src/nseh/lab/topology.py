@@ -7,13 +7,17 @@ namespace), so the root network namespace is never touched, not even by a killed
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
+from collections.abc import Iterator
 from socket import AF_INET, AF_INET6
 
 from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
 
 from nseh.lab import layout
 from nseh.lab.state import LabError
+from nseh.oneline import one_line
 
 # In every lab namespace: no IPv6 DAD, so v6 addresses are usable at once. Set before any
 # link exists there, so every link inherits it from `default`.
@@ -39,10 +43,42 @@ def lab_namespaces() -> list[str]:
     return sorted(n for n in netns.listnetns() if n.startswith(layout.NAMESPACE_PREFIX))
 
 
+@contextlib.contextmanager
+def failing_as(what: str) -> Iterator[None]:
+    """A failure of the kernel or of pyroute2 (its child processes included) becomes a
+    one-line LabError that names `what` could not be done."""
+    try:
+        yield
+    except LabError:
+        raise
+    except NetlinkError as exc:
+        raise LabError(f"cannot {what}: {os.strerror(exc.code)}") from exc
+    except (OSError, RuntimeError, ValueError, IndexError) as exc:
+        detail = one_line(str(exc).strip()) or type(exc).__name__
+        raise LabError(f"cannot {what}: {detail}") from exc
+
+
 def create_namespace(name: str) -> None:
+    """Create the namespace; it is mounted at /run/netns/<name> when this returns.
+
+    `ip netns add` makes the file and mounts the namespace on it in one process, and exits
+    when both are done. (Not pyroute2's `netns.create`: it forks this multi-threaded process
+    to do that and SIGKILLs the child if it has not answered within 2 s, whatever step it
+    was at.) The mount is checked, since every later step opens the namespace by its path.
+    """
     if name in netns.listnetns():
         raise LabError(f"network namespace {name} already exists; run `nseh lab down` first")
-    netns.create(name)
+    result = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True,
+                            check=False)
+    if result.returncode != 0:
+        raise LabError(f"cannot create network namespace {name}: "
+                       f"{one_line(result.stderr.strip()) or f'status {result.returncode}'}")
+    path = f"/run/netns/{name}"
+    with failing_as(f"create network namespace {name}"):
+        mounted = os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev
+    if not mounted:
+        raise LabError(f"cannot create network namespace {name}: {path} is not a namespace "
+                       "mount")
     set_sysctls(name, _BASE_SYSCTLS)
 
 
@@ -75,27 +111,35 @@ def _add_bridge(ipr: IPRoute, name: str, address: str | None = None) -> int:
     # STP off and no forward delay: ports forward at once. Multicast snooping off: the lab
     # has no MLD/IGMP querier, and snooped state would go stale when a VM moves hosts.
     extra = {"address": address} if address else {}
-    ipr.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0,
-             br_mcast_snooping=0, **extra)
-    index = _index(ipr, name)
-    ipr.link("set", index=index, state="up")
+    with failing_as(f"create bridge {name} in {ipr.status['netns']}"):
+        ipr.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0,
+                 br_mcast_snooping=0, **extra)
+        index = _index(ipr, name)
+        ipr.link("set", index=index, state="up")
     return index
 
 
 def _add_fabric_port(ipr: IPRoute, bridge: int, port: str, peer: str, peer_ns: str) -> None:
     """A veth whose `port` end joins a fabric bridge and whose `peer` end is in `peer_ns`."""
-    ipr.link("add", ifname=port, kind="veth", peer={"ifname": peer, "net_ns_fd": peer_ns})
-    ipr.link("set", index=_index(ipr, port), master=bridge, state="up")
+    with failing_as(f"create veth {port} in {ipr.status['netns']} with its peer {peer} in "
+                    f"{peer_ns}"):
+        ipr.link("add", ifname=port, kind="veth", peer={"ifname": peer, "net_ns_fd": peer_ns})
+        ipr.link("set", index=_index(ipr, port), master=bridge, state="up")
 
 
 def _add_addresses(ipr: IPRoute, index: int, *addresses: tuple[str, int]) -> None:
     for address, prefixlen in addresses:
-        ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
+        with failing_as(f"add address {address}/{prefixlen} in {ipr.status['netns']}"):
+            ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
 
 
-def _open(namespace: str) -> IPRoute:
+@contextlib.contextmanager
+def _open(namespace: str) -> Iterator[IPRoute]:
+    """rtnetlink in `namespace`; any other failure there is named by the namespace."""
     # flags=0: never create a namespace by accident (pyroute2's default is O_CREAT).
-    return IPRoute(netns=namespace, flags=0)
+    with failing_as(f"set up network namespace {namespace}"), IPRoute(
+            netns=namespace, flags=0) as ipr:
+        yield ipr
 
 
 def build_fabric(hosts: int, clients: int) -> None:
