@@ -714,7 +714,8 @@ def bench(
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Output directory (default: bench/results/<UTC timestamp>).")] = None,
     no_microbench: Annotated[bool, typer.Option(
-        "--no-microbench", help="Skip the SC fast-path micro-benchmark.")] = False,
+        "--no-microbench", help="Skip the micro-benchmark (moving a VM's conntrack entries "
+                                "between tables).")] = False,
     ips_blocks: Annotated[int | None, typer.Option(
         help="Give the VM an IPS blocking this many sources before each migration, and add "
              "the mode precopy-noips (precopy leaving the IPS state behind) to compare.")

@@ -49,8 +49,10 @@ What migrates (the `SecurityEngine` interface)
   from nft's text listing: its JSON output truncates both to seconds), re-added on the
   destination with `timeout T expires E`; `track`: one source's detection in progress (closed
   ports and connection times as ages, see `ipsdetect`). Deletes carry only kind and source;
-- changes: the blocklists are re-read and diffed at every collection (kernel-made blocks
-  included); detector sources are marked when an event touches them;
+- changes: a collection reads the blocks of the sources touched since the last one (every
+  block change touches its source, kernel-made blocks through their NFLOG event), and the
+  whole blocklist only after an NFLOG overrun or when many sources were touched
+  (`IpsTracker`); detector sources are marked when an event touches them;
 - scope on the destination: a record is taken only if it names the VM, has a source of an
   address family the VM has and that is not one of the VM's own addresses, a block within
   1 ms..`MAX_BLOCK_SECONDS`, and a detection no bigger than the VM's thresholds.
