@@ -17,6 +17,7 @@ import signal
 import socket
 import socketserver
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -202,8 +203,41 @@ def test_ctrl_c_is_one_line_and_exit_status_130(tmp_path: Path):
         assert answered.wait(30), "the CLI never called the agent"
         cli.send_signal(signal.SIGINT)
         _, stderr = cli.communicate(timeout=30)
-    assert cli.returncode == 130
+    assert cli.returncode == 130, stderr
     assert stderr.splitlines() == ["nseh: error: interrupted"]
+
+
+# A process forked from the CLI, as pyroute2 forks one to open a socket in a namespace and
+# stops it with SIGTERM: it must exit at once, not unwind into the CLI's clean-up (which tore
+# down the lab its parent was building: "No such file or directory: /var/run/netns/nseh-h1").
+FORKED_CHILD = """
+import os, signal, sys, time
+from nseh.cli import interrupt_on_signals
+interrupt_on_signals()
+read, write = os.pipe()
+child = os.fork()
+if child == 0:
+    try:
+        os.write(write, b"ready")
+        time.sleep(30)
+    finally:
+        print("the child ran the parent's clean-up", flush=True)
+os.read(read, 5)
+os.kill(child, signal.SIGTERM)
+print("child exit status", os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), flush=True)
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+except KeyboardInterrupt:
+    print("parent interrupted", flush=True)
+"""
+
+
+def test_a_forked_child_exits_on_sigterm_while_the_cli_is_interrupted():
+    result = subprocess.run([sys.executable, "-c", FORKED_CHILD], capture_output=True,
+                            text=True, timeout=60)
+    assert result.stdout.splitlines() == [f"child exit status {128 + signal.SIGTERM}",
+                                          "parent interrupted"], result
 
 
 # -- without a lab, as root: what is checked before anything starts ---------------------

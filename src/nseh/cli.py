@@ -43,11 +43,12 @@ if TYPE_CHECKING:
 
 
 class OneLineErrors(TyperGroup):
-    """The last resort behind the commands' own error handling: Ctrl-C (and the SIGTERM that
-    `tidy_up_on_sigterm` turns into it) ends with one line and exit status 130; any other
-    unexpected exception with one line and status 1, its traceback in `error_log()`."""
+    """The last resort behind the commands' own error handling: Ctrl-C (and SIGTERM, which
+    `interrupt_on_signals` turns into the same) ends with one line and exit status 130; any
+    other unexpected exception with one line and status 1, its traceback in `error_log()`."""
 
     def invoke(self, ctx: typer.Context) -> Any:
+        interrupt_on_signals()
         try:
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.TyperException):
@@ -145,12 +146,21 @@ def needs_installed(programs: dict[str, str]) -> None:
         fail(str(exc))
 
 
-def tidy_up_on_sigterm() -> None:
-    """`kill` gets the clean-up Ctrl-C gets (lab down, QEMU stopped) in the commands that
-    build a lab of their own: a default SIGTERM ends the process without their `finally`."""
+def interrupt_on_signals() -> None:
+    """Ctrl-C and `kill` raise KeyboardInterrupt in this process, so that every command gets
+    the clean-up it does on failure (lab down, QEMU stopped). A child forked from this process
+    (pyroute2 forks one to open a socket in a namespace, and stops it with SIGTERM) exits at
+    once instead: unwinding through this process's stack, it would run that clean-up too and
+    tear down the lab its parent is still building."""
+    owner = os.getpid()
+
     def interrupt(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            os._exit(128 + signum)
         raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupt)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupt)
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -736,7 +746,6 @@ def bench(
     needs_installed(BENCH_PROGRAMS)
     from nseh.bench.runner import BenchError, run_bench, show_summary  # loads matplotlib
 
-    tidy_up_on_sigterm()
     try:
         out_path, summary = run_bench(config, err)
     except (BenchError, lab.LabError, AgentError, InventoryError) as exc:
@@ -764,7 +773,6 @@ def soak(
 
     needs_root("soak")
     needs_installed(LAB_PROGRAMS)
-    tidy_up_on_sigterm()
     try:
         result = run_soak(migrations, err if as_json else out)
     except (SoakError, lab.LabError, AgentError, InventoryError) as exc:
@@ -803,7 +811,6 @@ def demo(
              f"{', '.join(ENGINES)})")
     needs_root("demo")
     needs_installed(LAB_PROGRAMS)
-    tidy_up_on_sigterm()
     try:
         result = run_demo(out if not as_json else err, skipped)
     except (DemoError, AgentError, lab.LabError, InventoryError) as exc:
