@@ -31,7 +31,7 @@ from nseh.definition import IpsPolicy, PortScan, VMDefinition
 from nseh.inventory import Inventory
 from nseh.lab import traffic
 from nseh.lab.netns import call_in_namespace
-from nseh.lab.probe import Probe
+from nseh.lab.probe import Probe, ProbeError
 
 DEMO_VM = VMDefinition.from_json({
     "name": "web1",
@@ -147,8 +147,8 @@ async def _migrate_with_flows(cluster: Cluster, console: Console, sc_mode: str,
         after = await cluster.call(destination, "firewall.counters")
         try:
             flows, flows_error = await asyncio.to_thread(probe.finish), None
-        except Exception as exc:  # however the probe failed, its flows were not measured
-            flows, flows_error = [], f"{type(exc).__name__}: {exc}"
+        except ProbeError as exc:  # its flows were not measured
+            flows, flows_error = [], str(exc)
     finally:
         probe.kill()
     vms, unreachable = await cluster.list_vms()
